@@ -1,0 +1,109 @@
+# Klinika PACS: one non-recursive Makefile.
+#   make            all binaries into build/bin/
+#   make run        install missing dependencies, build, start the whole system (scripts/run)
+#   make test       the whole suite: unit, integration (real PostgreSQL, busd, dicomd, indexer)
+#   make asan       the same suite built with ASan+UBSan (into build/asan)
+#   make fuzz       libFuzzer drivers (clang) into build/fuzz
+#   make bench      benchmarks (bench/), side by side with Orthanc
+#   make fmt        clang-format every C/C++ source
+#   make clean
+# Sources are discovered by directory, so a new module needs no Makefile edit:
+#   lib/*.c bus/*.c workers/common/*.c lib/dicom/*.cc  -> libkp.a
+#   bus/busd/ gateway/dimse/ workers/indexer/ tools/pacsctl/ -> one binary each
+#   tests/unit/**/test_*.c  -> one cmocka binary each
+
+BUILD     ?= build
+SANITIZER ?=
+CC        ?= cc
+CXX       ?= g++
+OPT       ?= -O2
+
+PKGS      := libzmq msgpack libpq openssl jansson inih
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+DCMTK_LIBS := -ldcmnet -ldcmtls -ldcmjpls -ldcmjpeg -ldcmimage -ldcmimgle -ldcmdata -loflog -lofstd
+
+SANFLAGS  := $(if $(SANITIZER),-fsanitize=$(SANITIZER) -fno-omit-frame-pointer -fno-sanitize-recover=undefined,)
+INCLUDES  := -Ilib -Ilib/dicom -Ibus -Iworkers/common
+CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g $(OPT) -MMD -MP $(INCLUDES) $(PKG_CFLAGS) $(SANFLAGS)
+CXXFLAGS  += -std=c++17 -Wall -Wextra -Werror -g $(OPT) -MMD -MP $(INCLUDES) $(SANFLAGS)
+LDFLAGS   += $(SANFLAGS) -pthread
+LDLIBS    := $(PKG_LIBS) $(DCMTK_LIBS) -lz -lm
+
+LIB_C     := $(wildcard lib/*.c bus/*.c workers/common/*.c)
+LIB_CXX   := $(wildcard lib/dicom/*.cc)
+LIB_OBJ   := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CXX:%.cc=$(BUILD)/obj/%.o)
+LIBKP     := $(BUILD)/libkp.a
+
+# binary name : source directory
+PROGRAMS  := pacs-busd:bus/busd pacs-dicomd:gateway/dimse pacs-indexer:workers/indexer \
+             pacsctl:tools/pacsctl
+prog_name = $(word 1,$(subst :, ,$1))
+prog_dir  = $(word 2,$(subst :, ,$1))
+BINS      := $(foreach p,$(PROGRAMS),$(BUILD)/bin/$(call prog_name,$p))
+
+UNIT_SRC  := $(shell find tests/unit -name 'test_*.c' 2>/dev/null | sort)
+UNIT_BINS := $(patsubst %.c,$(BUILD)/tests/%,$(notdir $(UNIT_SRC)))
+
+.PHONY: all run test asan fuzz bench fmt clean deps unit
+all: $(BINS) $(UNIT_BINS)
+
+$(LIBKP): $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	ar rcs $@ $^
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+define PROGRAM_RULE
+$(BUILD)/bin/$(call prog_name,$1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard $(call prog_dir,$1)/*.c)) $(LIBKP)
+	@mkdir -p $$(dir $$@)
+	$(CXX) $(LDFLAGS) -o $$@ $$^ $(LDLIBS)
+endef
+$(foreach p,$(PROGRAMS),$(eval $(call PROGRAM_RULE,$p)))
+
+define UNIT_RULE
+$(BUILD)/tests/$(basename $(notdir $1)): $(BUILD)/obj/$(1:.c=.o) $(LIBKP)
+	@mkdir -p $$(dir $$@)
+	$(CXX) $(LDFLAGS) -o $$@ $$^ -lcmocka $(LDLIBS)
+endef
+$(foreach t,$(UNIT_SRC),$(eval $(call UNIT_RULE,$t)))
+
+deps:
+	@scripts/install-deps
+
+run: deps all
+	@scripts/run
+
+test: deps all
+	@BUILD=$(BUILD) tests/run
+
+unit: all
+	@BUILD=$(BUILD) tests/run --unit-only
+
+asan:
+	$(MAKE) BUILD=build/asan SANITIZER=address,undefined OPT=-O1 test
+
+FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
+fuzz:
+	$(MAKE) BUILD=build/fuzz CC=clang CXX=clang++ SANITIZER=fuzzer-no-link,address,undefined OPT=-O1 $(BUILD:build=build/fuzz)/libkp.a
+	@mkdir -p build/fuzz/bin
+	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); \
+	  echo "clang $$n"; clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCLUDES) $(PKG_CFLAGS) \
+	    $$f build/fuzz/libkp.a -o build/fuzz/bin/$$n -lstdc++ -pthread $(LDLIBS) || exit 1; done
+
+bench: all
+	@bench/run
+
+fmt:
+	clang-format -i $$(git ls-files '*.c' '*.h' '*.cc')
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

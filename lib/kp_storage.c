@@ -1,0 +1,312 @@
+/* kp_storage: durable file store (see kp_storage.h). */
+#include "kp_storage.h"
+
+#include "kp_errors.h"
+#include "kp_log.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+struct kp_storage {
+    char *root;
+    char *tmpdir;
+    bool fsync_on;
+};
+
+static int s_mkdir_p(const char *path)
+{
+    char buf[PATH_MAX];
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return KP_EINVAL;
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buf, 0750) && errno != EEXIST) return KP_EIO;
+        *p = '/';
+    }
+    if (mkdir(buf, 0750) && errno != EEXIST) return KP_EIO;
+    return 0;
+}
+
+kp_storage_t *kp_storage_new(const char *root, bool fsync_on)
+{
+    kp_storage_t *st = calloc(1, sizeof *st);
+    if (!st) abort();
+    char *abs = NULL;
+    if (root[0] == '/') {
+        abs = strdup(root);
+    } else {
+        char cwd[PATH_MAX];
+        if (!getcwd(cwd, sizeof cwd)) goto error;
+        if (asprintf(&abs, "%s/%s", cwd, root) < 0) abs = NULL;
+    }
+    if (!abs) abort();
+    size_t l = strlen(abs);
+    while (l > 1 && abs[l - 1] == '/') abs[--l] = 0;
+    st->root = abs;
+    if (asprintf(&st->tmpdir, "%s/.tmp", abs) < 0) abort();
+    st->fsync_on = fsync_on;
+    if (s_mkdir_p(st->root) || s_mkdir_p(st->tmpdir)) {
+        kp_error("storage", "cannot create storage directory %s: %s", st->tmpdir, strerror(errno));
+        goto error;
+    }
+    if (access(st->tmpdir, W_OK)) {
+        kp_error("storage", "storage directory %s is not writable: %s", st->tmpdir,
+                 strerror(errno));
+        goto error;
+    }
+    return st;
+error:
+    kp_storage_destroy(&st);
+    return NULL;
+}
+
+void kp_storage_destroy(kp_storage_t **stp)
+{
+    if (!stp || !*stp) return;
+    free((*stp)->root);
+    free((*stp)->tmpdir);
+    free(*stp);
+    *stp = NULL;
+}
+
+const char *kp_storage_root(const kp_storage_t *st) { return st->root; }
+const char *kp_storage_tmpdir(const kp_storage_t *st) { return st->tmpdir; }
+
+void kp_storage_relpath(const char *sop_uid, char out[KP_STORAGE_RELPATH_MAX])
+{
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)sop_uid, strlen(sop_uid), md);
+    char hex[65];
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    snprintf(out, KP_STORAGE_RELPATH_MAX, "%.2s/%.2s/%s.dcm", hex, hex + 2, hex);
+}
+
+bool kp_storage_relpath_valid(const char *rel)
+{
+    if (!rel || strlen(rel) != 6 + 64 + 4) return false;
+    for (int i = 0; i < 74; i++) {
+        char c = rel[i];
+        if (i == 2 || i == 5) {
+            if (c != '/') return false;
+        } else if (i >= 70) {
+            if (c != ".dcm"[i - 70]) return false;
+        } else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) {
+            return false;
+        }
+    }
+    return rel[0] == rel[6] && rel[1] == rel[7] && rel[3] == rel[8] && rel[4] == rel[9];
+}
+
+char *kp_storage_abspath(const kp_storage_t *st, const char *rel)
+{
+    char *p;
+    if (asprintf(&p, "%s/%s", st->root, rel) < 0) abort();
+    return p;
+}
+
+static int s_fsync_fd_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0) return KP_EIO;
+    int rc = fsync(fd) ? KP_EIO : 0;
+    close(fd);
+    return rc;
+}
+
+int kp_storage_fsync_path(const kp_storage_t *st, const char *path)
+{
+    if (!st->fsync_on) return 0;
+    int rc = s_fsync_fd_path(path, O_RDONLY);
+    if (rc) kp_error("storage", "fsync %s failed: %s", path, strerror(errno));
+    return rc;
+}
+
+int kp_storage_sync_dir(kp_storage_t *st, const char *rel)
+{
+    if (!st->fsync_on) return 0;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/%.5s", st->root, rel);
+    int rc = s_fsync_fd_path(dir, O_RDONLY | O_DIRECTORY);
+    if (rc) kp_error("storage", "fsync of directory %s failed: %s", dir, strerror(errno));
+    return rc;
+}
+
+int kp_storage_commit(kp_storage_t *st, const char *tmp_path, const char *rel, bool defer_dir_sync)
+{
+    if (!kp_storage_relpath_valid(rel)) return KP_EINVAL;
+    int rc = kp_storage_fsync_path(st, tmp_path);
+    if (rc) return rc;
+    char *dst = kp_storage_abspath(st, rel);
+    if (rename(tmp_path, dst)) {
+        if (errno == ENOENT) {
+            /* Parent directories are made on first use; their own entries get synced too. */
+            char dir[PATH_MAX];
+            snprintf(dir, sizeof dir, "%s/%.2s", st->root, rel);
+            bool new_top = mkdir(dir, 0750) == 0;
+            snprintf(dir, sizeof dir, "%s/%.5s", st->root, rel);
+            if ((mkdir(dir, 0750) && errno != EEXIST) || rename(tmp_path, dst)) {
+                kp_error("storage", "cannot store %s: %s", rel, strerror(errno));
+                free(dst);
+                return KP_EIO;
+            }
+            if (st->fsync_on) {
+                if (new_top) s_fsync_fd_path(st->root, O_RDONLY | O_DIRECTORY);
+                snprintf(dir, sizeof dir, "%s/%.2s", st->root, rel);
+                s_fsync_fd_path(dir, O_RDONLY | O_DIRECTORY);
+            }
+        } else {
+            kp_error("storage", "cannot rename into %s: %s", rel, strerror(errno));
+            free(dst);
+            return KP_EIO;
+        }
+    }
+    free(dst);
+    return defer_dir_sync ? 0 : kp_storage_sync_dir(st, rel);
+}
+
+int kp_storage_tmpfile(kp_storage_t *st, char **path)
+{
+    if (asprintf(path, "%s/in-XXXXXX", st->tmpdir) < 0) abort();
+    int fd = mkostemp(*path, O_CLOEXEC);
+    if (fd < 0) {
+        kp_error("storage", "cannot create a temp file in %s: %s", st->tmpdir, strerror(errno));
+        free(*path);
+        *path = NULL;
+        return KP_EIO;
+    }
+    return fd;
+}
+
+int kp_storage_write(kp_storage_t *st, const char *rel, const void *buf, size_t len)
+{
+    char *tmp = NULL;
+    int rc = KP_EIO;
+    int fd = kp_storage_tmpfile(st, &tmp);
+    if (fd < 0) return fd;
+    const char *p = buf;
+    while (len) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            kp_error("storage", "write to %s failed: %s", tmp, strerror(errno));
+            goto error;
+        }
+        p += w;
+        len -= (size_t)w;
+    }
+    if (st->fsync_on && fsync(fd)) goto error;
+    close(fd);
+    fd = -1;
+    rc = kp_storage_commit(st, tmp, rel, false);
+    if (rc) goto error;
+    free(tmp);
+    return 0;
+error:
+    if (fd >= 0) close(fd);
+    unlink(tmp);
+    free(tmp);
+    return rc;
+}
+
+int kp_storage_sha256_file(const char *path, char hex[65], int64_t *size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return KP_EIO;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (!ctx) abort();
+    EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
+    static __thread unsigned char buf[1 << 16];
+    int64_t total = 0;
+    int rc = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            rc = KP_EIO;
+            break;
+        }
+        if (r == 0) break;
+        EVP_DigestUpdate(ctx, buf, (size_t)r);
+        total += r;
+    }
+    close(fd);
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    EVP_DigestFinal_ex(ctx, md, &mdlen);
+    EVP_MD_CTX_free(ctx);
+    if (rc) return rc;
+    for (unsigned i = 0; i < mdlen && i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    hex[64] = 0;
+    if (size) *size = total;
+    return 0;
+}
+
+static bool s_is_hex2(const char *n)
+{
+    return strlen(n) == 2 && strspn(n, "0123456789abcdef") == 2;
+}
+
+int kp_storage_walk(kp_storage_t *st, int (*fn)(void *user, const char *rel), void *user)
+{
+    int rc = 0;
+    DIR *top = opendir(st->root);
+    if (!top) return KP_EIO;
+    struct dirent *a;
+    while (!rc && (a = readdir(top))) {
+        if (!s_is_hex2(a->d_name)) continue;
+        char p1[PATH_MAX];
+        if (snprintf(p1, sizeof p1, "%s/%.2s", st->root, a->d_name) >= (int)sizeof p1) continue;
+        DIR *d1 = opendir(p1);
+        if (!d1) continue;
+        struct dirent *b;
+        while (!rc && (b = readdir(d1))) {
+            if (!s_is_hex2(b->d_name)) continue;
+            char p2[PATH_MAX];
+            if (snprintf(p2, sizeof p2, "%s/%s", p1, b->d_name) >= (int)sizeof p2) continue;
+            DIR *d2 = opendir(p2);
+            if (!d2) continue;
+            struct dirent *c;
+            while (!rc && (c = readdir(d2))) {
+                char rel[KP_STORAGE_RELPATH_MAX + 8];
+                if (snprintf(rel, sizeof rel, "%.2s/%.2s/%s", a->d_name, b->d_name, c->d_name) <
+                        (int)sizeof rel &&
+                    kp_storage_relpath_valid(rel))
+                    rc = fn(user, rel);
+            }
+            closedir(d2);
+        }
+        closedir(d1);
+    }
+    closedir(top);
+    return rc;
+}
+
+int kp_storage_clean_tmp(kp_storage_t *st, int max_age_s)
+{
+    DIR *d = opendir(st->tmpdir);
+    if (!d) return 0;
+    int n = 0;
+    time_t now = time(NULL);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char p[PATH_MAX];
+        snprintf(p, sizeof p, "%s/%s", st->tmpdir, e->d_name);
+        struct stat sb;
+        if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode) && now - sb.st_mtime >= max_age_s &&
+            unlink(p) == 0)
+            n++;
+    }
+    closedir(d);
+    return n;
+}

@@ -1,0 +1,244 @@
+"""Helpers for the integration tests: a private PostgreSQL cluster, the real daemons, DCMTK tools.
+
+Everything runs for real on loopback: scripts/pgcluster starts PostgreSQL in a temp directory,
+pacs-busd / pacs-dicomd / pacs-indexer are the binaries the Makefile built (BUILD=build or
+build/asan), and DICOM traffic comes from DCMTK's own storescu/echoscu.
+"""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import psycopg2
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.path.join(REPO, os.environ.get("BUILD", "build"))
+BIN = os.path.join(BUILD, "bin")
+PYDICOM_DATA = "/usr/lib/python3/dist-packages/pydicom/data"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout, what, interval=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Cluster:
+    """One PostgreSQL cluster per test session; each System gets its own database."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="kp-pg-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        out = subprocess.run([os.path.join(REPO, "scripts/pgcluster"), "start", self.dir,
+                              str(self.port)], check=True, capture_output=True, text=True)
+        self.conninfo = out.stdout.strip()
+        self.n = 0
+        # A migrated template makes each test database a cheap copy.
+        self.admin("CREATE DATABASE kp_template")
+        env = dict(os.environ, KP_DB_CONNINFO=self.dsn("kp_template"))
+        subprocess.run([os.path.join(BIN, "pacsctl"), "migrate"], check=True, env=env,
+                       cwd=REPO, capture_output=True)
+
+    def dsn(self, db):
+        return re.sub(r"dbname=\S+", f"dbname={db}", self.conninfo)
+
+    def admin(self, sql):
+        c = psycopg2.connect(self.dsn("postgres"))
+        c.autocommit = True
+        c.cursor().execute(sql)
+        c.close()
+
+    def new_database(self):
+        self.n += 1
+        name = f"kp_test_{self.n}"
+        self.admin(f"CREATE DATABASE {name} TEMPLATE kp_template")
+        return self.dsn(name)
+
+    def stop(self):
+        subprocess.run([os.path.join(REPO, "scripts/pgcluster"), "stop", self.dir])
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class System:
+    """busd + dicomd + indexer(s) on a fresh database and storage directory."""
+
+    def __init__(self, cluster, indexers=1, extra_env=None, start=True):
+        self.dir = tempfile.mkdtemp(prefix="kp-sys-")
+        self.dsn = cluster.new_database()
+        self.port = free_port()
+        run = os.path.join(self.dir, "run")
+        os.makedirs(run)
+        self.env = dict(os.environ)
+        self.env.update({
+            "KP_DB_CONNINFO": self.dsn,
+            "KP_DB_CONNECT_TIMEOUT": "20",
+            "KP_STORAGE_ROOT": os.path.join(self.dir, "storage"),
+            "KP_DICOM_PORT": str(self.port),
+            "KP_BUS_JOBS_ENDPOINT": f"ipc://{run}/jobs",
+            "KP_BUS_EVENTS_IN": f"ipc://{run}/ev-in",
+            "KP_BUS_EVENTS_OUT": f"ipc://{run}/ev-out",
+            "KP_BUS_HEARTBEAT_MS": "500",
+            "KP_JOBS_LEASE": "3",
+            "KP_JOBS_SWEEP_INTERVAL": "1",
+            "KP_LOG_LEVEL": "info",
+            "TCP_NODELAY": "1",
+        })
+        self.env.update(extra_env or {})
+        self.procs = {}
+        self.logs = {}
+        self.n_indexers = indexers
+        if start:
+            self.start_all()
+
+    # -- processes -------------------------------------------------------------------------
+    def start(self, name, binary=None):
+        binary = binary or name.split("#")[0]
+        log = open(os.path.join(self.dir, f"{name.replace('#', '-')}.log"), "ab")
+        self.logs[name] = log.name
+        p = subprocess.Popen([os.path.join(BIN, binary)], env=self.env, cwd=self.dir,
+                             stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = p
+        return p
+
+    def start_all(self):
+        self.start("pacs-busd")
+        for i in range(self.n_indexers):
+            self.start(f"pacs-indexer#{i}", "pacs-indexer")
+        self.start_dicomd()
+
+    def start_dicomd(self):
+        self.start("pacs-dicomd")
+        wait_for(lambda: self.echo(), 20, "pacs-dicomd to answer C-ECHO")
+
+    def kill(self, name, sig=signal.SIGKILL):
+        p = self.procs.get(name)
+        if p and p.poll() is None:
+            p.send_signal(sig)
+            p.wait(timeout=20)
+
+    def alive(self, name):
+        p = self.procs.get(name)
+        return p is not None and p.poll() is None
+
+    def log(self, name):
+        with open(self.logs[name], errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- DICOM clients --------------------------------------------------------------------
+    def echo(self, aet="TESTSCU", aec="KLINIKA"):
+        r = subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(self.port)],
+                           capture_output=True, text=True, timeout=30, env=self.env)
+        return r.returncode == 0
+
+    def storescu(self, files, aet="MODALITY", aec="KLINIKA", extra=(), timeout=600):
+        """Sends files on one association; returns (returncode, {file: 'ok'|status}, output)."""
+        cmd = ["storescu", "-v", "-nh", "-aet", aet, "-aec", aec, *extra, "127.0.0.1",
+               str(self.port), *files]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
+        return r.returncode, parse_storescu(r.stdout + r.stderr), r.stdout + r.stderr
+
+    def storescu_async(self, files, aet="MODALITY", extra=()):
+        listfile = tempfile.NamedTemporaryFile("w", delete=False, dir=self.dir, suffix=".out")
+        cmd = ["storescu", "-v", "-nh", "-aet", aet, "-aec", "KLINIKA", *extra, "127.0.0.1",
+               str(self.port), *files]
+        p = subprocess.Popen(cmd, stdout=listfile, stderr=subprocess.STDOUT, env=self.env)
+        return p, listfile.name
+
+    # -- database -------------------------------------------------------------------------
+    def sql(self, q, args=None):
+        c = psycopg2.connect(self.dsn)
+        try:
+            cur = c.cursor()
+            cur.execute(q, args)
+            rows = cur.fetchall() if cur.description else None
+            c.commit()
+            return rows
+        finally:
+            c.close()
+
+    def count(self, table):
+        return self.sql(f"SELECT count(*) FROM {table}")[0][0]
+
+    def wait_indexed(self, n, timeout=120):
+        return wait_for(lambda: self.count("instances") >= n, timeout,
+                        f"{n} instances indexed (have {self.count('instances')})", 0.2)
+
+    def wait_jobs_settled(self, timeout=120):
+        return wait_for(lambda: self.sql("SELECT count(*) FROM jobs WHERE state='pending'")[0][0]
+                        == 0, timeout, "every job done", 0.2)
+
+    def pacsctl(self, *args, check=True):
+        r = subprocess.run([os.path.join(BIN, "pacsctl"), *args], env=self.env, cwd=self.dir,
+                           capture_output=True, text=True, timeout=600)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pacsctl {' '.join(args)} failed: {r.stderr}")
+        return r
+
+
+_SEND = re.compile(r"Sending file: (.*)$")
+_RSP = re.compile(r"Received Store Response(?: \((.*)\))?")
+_STATUS = re.compile(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})")
+
+
+def parse_storescu(output):
+    """Maps each file storescu tried to send to 'ok' or the failure it saw.
+
+    With -v, storescu prints 'Sending file: F' before each C-STORE and 'Received Store Response
+    (Success)' or '(<status text>)' after it; a file with no response line was not acknowledged."""
+    result = {}
+    current = None
+    for line in output.splitlines():
+        m = _SEND.search(line)
+        if m:
+            current = m.group(1).strip()
+            result[current] = "unacknowledged"
+            continue
+        m = _RSP.search(line)
+        if m and current:
+            status = (m.group(1) or "").strip()
+            result[current] = "ok" if status.startswith("Success") else (status or "failed")
+            current = None
+    return result
+
+
+def dcmdump_values(path, tags):
+    """Values dcmdump shows for the given top-level tags, as UTF-8 (converted with +U8)."""
+    r = subprocess.run(["dcmdump", "+U8", "-q", "+L", path], capture_output=True, timeout=60)
+    out = r.stdout.decode("utf-8", errors="replace")
+    vals = {}
+    for line in out.splitlines():
+        if not line.startswith("("):
+            continue  # nested items are indented
+        m = re.match(r"\(([0-9a-f]{4}),([0-9a-f]{4})\) (\w\w) (.*?)\s+#\s+\d+,", line)
+        if not m:
+            continue
+        tag = (m.group(1) + m.group(2)).upper()
+        if tag not in tags:
+            continue
+        v = m.group(4)
+        if v.startswith("[") and v.endswith("]"):
+            v = v[1:-1]
+        elif v.startswith("(no value"):
+            v = ""
+        vals[tag] = v.rstrip()
+    return r.returncode, vals

@@ -1,0 +1,193 @@
+"""Ingest of real-world files: every file of pydicom's test_files/ and charset_files/ is sent with
+DCMTK's storescu; each one DCMTK can parse must be acknowledged and indexed with the values
+dcmdump reports; files the server cannot accept get a DIMSE failure status, never a crash."""
+import collections
+import concurrent.futures
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+
+import kp
+
+TAGS = {"00100010", "0020000D", "0020000E", "00080018", "00080060", "00080020", "00080016"}
+
+
+def candidate_files():
+    files = []
+    for sub in ("test_files", "charset_files"):
+        for f in sorted(glob.glob(os.path.join(kp.PYDICOM_DATA, sub, "*"))):
+            if os.path.isfile(f) and not f.endswith((".py", ".pyc", ".txt", ".json", ".gz",
+                                                      ".bz2", ".zip", ".xz")):
+                files.append(f)
+    return files
+
+
+def pn_json_to_dicom(v):
+    """DICOM JSON person name object back to the DICOM string form (groups joined by '=')."""
+    if isinstance(v, str):
+        return v
+    groups = [v.get("Alphabetic", ""), v.get("Ideographic", ""), v.get("Phonetic", "")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+@pytest.fixture(scope="module")
+def sent(system):
+    """Sends every candidate file (files sharing a SOP Instance UID in order, on one worker)."""
+    info = {}
+    for f in candidate_files():
+        rc, vals = kp.dcmdump_values(f, TAGS)
+        info[f] = (rc, vals)
+    groups = collections.defaultdict(list)
+    for f, (rc, vals) in info.items():
+        groups[vals.get("00080018") or f].append(f)
+
+    def send_group(files):
+        out = []
+        for f in files:
+            rc, res, text = system.storescu([f])
+            out.append((f, res.get(f, "not sent"), text))
+        return out
+
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        for group in ex.map(send_group, groups.values()):
+            for f, status, text in group:
+                results[f] = (status, text)
+    return info, groups, results
+
+
+def test_parsable_files_are_acknowledged(system, sent):
+    info, groups, results = sent
+    ok = [f for f, (st, _) in results.items() if st == "ok"]
+    assert len(ok) >= 60, f"only {len(ok)} files acknowledged"
+    # Every file dcmdump reads with the three UIDs and a SOP class must have been accepted.
+    refused = []
+    for f, (rc, vals) in info.items():
+        complete = rc == 0 and all(vals.get(t) for t in ("0020000D", "0020000E", "00080018",
+                                                         "00080016"))
+        status, text = results[f]
+        if complete and status not in ("ok", "not sent"):
+            refused.append((os.path.basename(f), status))
+    assert not refused, f"parsable files refused by the server: {refused}"
+    assert system.alive("pacs-dicomd")
+
+
+def test_indexed_values_equal_dcmdump(system, sent):
+    info, groups, results = sent
+    system.wait_jobs_settled(120)
+    checked = 0
+    mismatches = []
+    for sop, files in groups.items():
+        acked = [f for f in files if results[f][0] == "ok"]
+        if not acked:
+            continue
+        f = acked[-1]  # with the default policy the last different copy wins
+        vals = info[f][1]
+        rows = system.sql(
+            "SELECT i.sop_uid, se.series_uid, st.study_uid, i.metadata::text, se.modality, "
+            "st.study_date, i.path FROM instances i JOIN series se ON se.pk = i.series_pk "
+            "JOIN studies st ON st.pk = se.study_pk WHERE i.sop_uid = %s", (vals["00080018"],))
+        if len(rows) != 1:
+            mismatches.append((os.path.basename(f), f"{len(rows)} rows"))
+            continue
+        sop_uid, series_uid, study_uid, meta, modality, study_date, path = rows[0]
+        meta = json.loads(meta)
+        got = {"00080018": sop_uid, "0020000E": series_uid, "0020000D": study_uid}
+        for t in ("00080060", "00080020"):
+            if t in meta and meta[t].get("Value"):
+                got[t] = meta[t]["Value"][0]
+            elif t in vals:
+                got[t] = ""
+        if "00100010" in meta:
+            got["00100010"] = "\\".join(pn_json_to_dicom(v) for v in meta["00100010"].get("Value", []))
+        for t in ("00080018", "0020000E", "0020000D", "00080060", "00080020", "00100010"):
+            if t in vals and vals[t] != got.get(t, ""):
+                mismatches.append((os.path.basename(f), t, vals[t], got.get(t)))
+        checked += 1
+    assert not mismatches, mismatches
+    assert checked >= 50
+    # the per-series/per-study index columns agree with the instance metadata
+    bad = system.sql(
+        "SELECT count(*) FROM instances i JOIN series se ON se.pk = i.series_pk "
+        "WHERE coalesce(i.metadata->'0020000E'->'Value'->>0, '') <> se.series_uid")[0][0]
+    assert bad == 0
+
+
+def test_utf8_names_from_other_charsets(system, sent):
+    """Cyrillic, Greek, Latin-1 and UTF-8 names are stored as UTF-8."""
+    names = [r[0] for r in system.sql("SELECT patient_name FROM studies WHERE patient_name IS NOT NULL")]
+    joined = " ".join(names)
+    assert any("\u0400" <= ch <= "\u04ff" for ch in joined), "no Cyrillic name indexed"
+    assert any("\u0370" <= ch <= "\u03ff" for ch in joined), "no Greek name indexed"
+    assert any(ch in "äöüßéèàçñÄÖÜÉ" for ch in joined), "no Latin-1 accented name indexed"
+    # fuzzy column is folded (lower case, accents removed)
+    folded = system.sql("SELECT patient_name_fold FROM studies WHERE patient_name LIKE '%%Buc%%'")
+    for (f,) in folded:
+        assert f == f.lower()
+
+
+def test_aggregates_are_consistent(system, sent):
+    system.wait_jobs_settled(60)
+    bad = system.sql(
+        "SELECT st.study_uid FROM studies st WHERE st.num_instances <> (SELECT count(*) FROM "
+        "instances i JOIN series se ON se.pk = i.series_pk WHERE se.study_pk = st.pk) OR "
+        "st.num_series <> (SELECT count(*) FROM series WHERE study_pk = st.pk) OR "
+        "st.modalities <> (SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality) FILTER "
+        "(WHERE modality <> ''), '{}') FROM series WHERE study_pk = st.pk)")
+    assert bad == []
+    assert system.count("studies") > 10
+
+
+def test_duplicates_and_files_intact(system, sent):
+    info, groups, results = sent
+    # every acknowledged instance's stored file holds the same dataset as what was sent
+    rows = system.sql("SELECT sop_uid, path, file_sha256, file_size FROM instances")
+    root = system.env["KP_STORAGE_ROOT"]
+    for sop, path, sha, size in rows:
+        full = os.path.join(root, path)
+        assert os.path.getsize(full) == size
+        out = subprocess.run(["sha256sum", full], capture_output=True, text=True).stdout.split()[0]
+        assert out == sha
+    # identical content sent again is a no-op: no new row, same file
+    f = next(f for f, (st, _) in results.items() if st == "ok" and "CT_small" in f)
+    before = system.count("instances")
+    rc, res, _ = system.storescu([f])
+    assert res[f] == "ok"
+    system.wait_jobs_settled(30)
+    assert system.count("instances") == before
+
+
+def test_garbage_and_incomplete_datasets_fail_cleanly(system, tmp_path):
+    """A dataset without Study/Series UIDs cannot be indexed: DIMSE failure, daemon alive."""
+    import pydicom
+    src = os.path.join(kp.PYDICOM_DATA, "test_files", "CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    del ds.StudyInstanceUID
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1411.99.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    bad = str(tmp_path / "no-study-uid.dcm")
+    ds.save_as(bad)
+    rc, res, text = system.storescu([bad])
+    assert res.get(bad) not in (None, "ok", "unacknowledged"), text
+    assert system.echo()
+    assert system.sql("SELECT count(*) FROM instances WHERE sop_uid = %s", (ds.SOPInstanceUID,))[0][0] == 0
+
+
+def test_calling_ae_allow_list(cluster):
+    s = kp.System(cluster, extra_env={"KP_DICOM_ALLOWED_AES": "CT1, MR2"}, start=False)
+    try:
+        s.start("pacs-busd")
+        s.start("pacs-dicomd")
+        kp.wait_for(lambda: s.echo(aet="CT1"), 20, "dicomd up")
+        assert s.echo(aet="MR2")
+        assert not s.echo(aet="INTRUDER")
+        assert not s.echo(aet="CT1", aec="WRONGAE")
+        assert s.alive("pacs-dicomd")
+        assert "calling AE not in dicom.allowed_aes" in s.log("pacs-dicomd")
+    finally:
+        s.stop()

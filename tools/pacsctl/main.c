@@ -1,0 +1,364 @@
+/* pacsctl: the administrator's command line.
+ *
+ *   pacsctl [--config FILE] migrate            apply database migrations (schema/)
+ *   pacsctl [--config FILE] stats              counts per level, storage, job queues
+ *   pacsctl [--config FILE] reindex [--wipe]   rebuild the index from the files in storage
+ *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
+ *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
+ *   pacsctl config-get SECTION.KEY             print one setting's effective value
+ *   pacsctl config-example                     print the documented example configuration
+ *
+ * Every sub-command reads the same configuration as the daemons (file + KP_* environment). */
+#include "kp_bus.h"
+#include "kp_config.h"
+#include "kp_db.h"
+#include "kp_dicom.h"
+#include "kp_errors.h"
+#include "kp_index.h"
+#include "kp_log.h"
+#include "kp_storage.h"
+
+#include <jansson.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static void s_usage(void)
+{
+    fprintf(stderr,
+            "usage: pacsctl [--config FILE] COMMAND\n"
+            "  migrate [--schema DIR]   apply database migrations\n"
+            "  stats                    patients/studies/series/instances, storage, job queues\n"
+            "  reindex [--wipe]         rebuild the index from the files in storage\n"
+            "  jobs [--state pending|done|failed] [--limit N]   list outbox jobs\n"
+            "  jobs retry ID|--failed   make a job (or every failed job) pending again\n"
+            "  config-get SECTION.KEY   print one setting's effective value\n"
+            "  config-example           print the documented example configuration\n");
+}
+
+static char *s_schema_dir(const char *given)
+{
+    if (given) return strdup(given);
+    const char *env = getenv("KP_SCHEMA_DIR");
+    if (env) return strdup(env);
+    struct stat sb;
+    if (stat("schema/0001_initial.sql", &sb) == 0) return strdup("schema");
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = 0;
+        char *dir = dirname(exe); /* build/bin */
+        char path[PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/../../schema", dir);
+        if (stat(path, &sb) == 0) return strdup(path);
+        snprintf(path, sizeof path, "%s/../share/klinika/schema", dir);
+        if (stat(path, &sb) == 0) return strdup(path);
+    }
+    return strdup("schema");
+}
+
+static kp_db_t *s_db(const kp_config_t *cfg, bool check)
+{
+    int err = 0;
+    kp_db_t *db = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, check, &err);
+    if (!db) fprintf(stderr, "pacsctl: %s\n", kp_strerror(err ? err : KP_EDB));
+    return db;
+}
+
+static int s_migrate(const kp_config_t *cfg, int argc, char **argv)
+{
+    const char *dir = NULL;
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--schema") && i + 1 < argc) dir = argv[++i];
+    char *d = s_schema_dir(dir);
+    kp_db_t *db = s_db(cfg, false);
+    if (!db) {
+        free(d);
+        return 1;
+    }
+    int n = kp_db_migrate(db, d);
+    int v = kp_db_schema_version(db);
+    kp_db_destroy(&db);
+    free(d);
+    if (n < 0) {
+        fprintf(stderr, "pacsctl: migration failed: %s\n", kp_strerror(n));
+        return 1;
+    }
+    printf("schema at version %d (%d migration%s applied)\n", v, n, n == 1 ? "" : "s");
+    return 0;
+}
+
+static void s_print_query(kp_db_t *db, const char *title, const char *sql)
+{
+    PGresult *r = NULL;
+    if (kp_db_exec(db, &r, sql, 0, NULL)) return;
+    printf("%s\n", title);
+    int nf = PQnfields(r);
+    for (int i = 0; i < PQntuples(r); i++) {
+        printf(" ");
+        for (int j = 0; j < nf; j++) printf(" %-*s", j == 0 ? 22 : 10, PQgetvalue(r, i, j));
+        printf("\n");
+    }
+    if (PQntuples(r) == 0) printf("  (none)\n");
+    PQclear(r);
+}
+
+static int s_stats(const kp_config_t *cfg)
+{
+    kp_db_t *db = s_db(cfg, true);
+    if (!db) return 1;
+    PGresult *r = NULL;
+    int rc = kp_db_exec(db, &r,
+                        "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies), "
+                        "(SELECT count(*) FROM series), (SELECT count(*) FROM instances), "
+                        "(SELECT coalesce(sum(file_size), 0) FROM instances)",
+                        0, NULL);
+    if (rc) {
+        kp_db_destroy(&db);
+        return 1;
+    }
+    double bytes = atof(PQgetvalue(r, 0, 4));
+    printf("patients   %s\nstudies    %s\nseries     %s\ninstances  %s\nstored     %.1f MiB\n",
+           PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 3),
+           bytes / 1048576.0);
+    PQclear(r);
+    s_print_query(db, "\njobs (outbox)            state      count      oldest pending (s)",
+                  "SELECT type, state, count(*), coalesce(extract(epoch FROM now() - min("
+                  "created_at)) FILTER (WHERE state = 'pending'), 0)::int FROM jobs GROUP BY "
+                  "type, state ORDER BY type, state");
+    kp_db_destroy(&db);
+
+    kp_bus_t *bus = kp_bus_new(cfg, "pacsctl");
+    json_t *js = NULL;
+    if (bus && kp_bus_stats(bus, &js, 1500) == 0 && js) {
+        printf("\nbroker queues            queued     in flight\n");
+        const char *type;
+        json_t *q;
+        size_t nq = 0;
+        json_object_foreach(json_object_get(js, "queues"), type, q)
+        {
+            printf("  %-22s %-10lld %lld\n", type,
+                   (long long)json_integer_value(json_object_get(q, "queued")),
+                   (long long)json_integer_value(json_object_get(q, "inflight")));
+            nq++;
+        }
+        if (!nq) printf("  (none)\n");
+        printf("workers                                  types      credit   in flight  seen (ms ago)\n");
+        size_t i;
+        json_t *w;
+        json_array_foreach(json_object_get(js, "workers"), i, w)
+        {
+            char *types = json_dumps(json_object_get(w, "types"), JSON_COMPACT | JSON_ENCODE_ANY);
+            printf("  %-38s %-10s %-8lld %-10lld %lld\n",
+                   json_string_value(json_object_get(w, "name")), types ? types : "",
+                   (long long)json_integer_value(json_object_get(w, "credit")),
+                   (long long)json_integer_value(json_object_get(w, "inflight")),
+                   (long long)json_integer_value(json_object_get(w, "last_seen_ms")));
+            free(types);
+        }
+        if (!json_array_size(json_object_get(js, "workers"))) printf("  (none)\n");
+        json_decref(js);
+    } else {
+        printf("\nbroker: not reachable at %s\n", cfg->bus_jobs_endpoint);
+    }
+    kp_bus_destroy(&bus);
+    return 0;
+}
+
+struct s_reindex {
+    kp_db_t *db;
+    kp_storage_t *st;
+    kp_index_item_t items[64];
+    char rel[64][KP_STORAGE_RELPATH_MAX];
+    size_t n;
+    long done, failed, total;
+    bool tty;
+    time_t started;
+};
+
+static void s_progress(struct s_reindex *ri, bool final)
+{
+    if (!ri->tty) return;
+    long t = ri->total > 0 ? ri->total : 1;
+    int width = 40, filled = (int)(width * (ri->done + ri->failed) / t);
+    if (filled > width) filled = width;
+    double el = difftime(time(NULL), ri->started);
+    fprintf(stderr, "\r[%.*s%*s] %ld/%ld  %.0f/s  %ld failed", filled,
+            "########################################", width - filled, "", ri->done + ri->failed,
+            ri->total, el > 0 ? (ri->done + ri->failed) / el : 0.0, ri->failed);
+    if (final) fprintf(stderr, "\n");
+}
+
+static int s_reindex_flush(struct s_reindex *ri)
+{
+    if (!ri->n) return 0;
+    int rc = kp_index_batch(ri->db, ri->st, ri->items, ri->n);
+    if (rc) return rc;
+    for (size_t i = 0; i < ri->n; i++) {
+        if (ri->items[i].result == 0)
+            ri->done++;
+        else {
+            ri->failed++;
+            if (!ri->tty)
+                fprintf(stderr, "pacsctl: %s: %s\n", ri->items[i].rel,
+                        kp_strerror(ri->items[i].result));
+        }
+    }
+    ri->n = 0;
+    s_progress(ri, false);
+    return 0;
+}
+
+static int s_reindex_file(void *user, const char *rel)
+{
+    struct s_reindex *ri = user;
+    snprintf(ri->rel[ri->n], KP_STORAGE_RELPATH_MAX, "%s", rel);
+    ri->items[ri->n] = (kp_index_item_t){.rel = ri->rel[ri->n], .size = -1};
+    ri->n++;
+    return ri->n == 64 ? s_reindex_flush(ri) : 0;
+}
+
+static int s_count_file(void *user, const char *rel)
+{
+    (void)rel;
+    ((struct s_reindex *)user)->total++;
+    return 0;
+}
+
+static int s_reindex(const kp_config_t *cfg, int argc, char **argv)
+{
+    bool wipe = false;
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--wipe")) wipe = true;
+    struct s_reindex ri = {.tty = isatty(STDERR_FILENO), .started = time(NULL)};
+    int rc = 1;
+    if (kp_dicom_init()) return 1;
+    ri.db = s_db(cfg, true);
+    ri.st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
+    if (!ri.db || !ri.st) goto done;
+    if (wipe && kp_db_run(ri.db,
+                          "TRUNCATE instances, series, studies, patients RESTART IDENTITY", 0,
+                          NULL))
+        goto done;
+    kp_storage_walk(ri.st, s_count_file, &ri);
+    int wr = kp_storage_walk(ri.st, s_reindex_file, &ri);
+    if (!wr) wr = s_reindex_flush(&ri);
+    s_progress(&ri, true);
+    if (wr) {
+        fprintf(stderr, "pacsctl: reindex stopped: %s\n", kp_strerror(wr));
+        goto done;
+    }
+    printf("reindexed %ld files (%ld could not be indexed)\n", ri.done, ri.failed);
+    rc = 0;
+done:
+    kp_db_destroy(&ri.db);
+    kp_storage_destroy(&ri.st);
+    kp_dicom_shutdown();
+    return rc;
+}
+
+static int s_jobs(const kp_config_t *cfg, int argc, char **argv)
+{
+    kp_db_t *db = s_db(cfg, true);
+    if (!db) return 1;
+    int rc = 0;
+    if (argc >= 1 && !strcmp(argv[0], "retry")) {
+        PGresult *r = NULL;
+        if (argc >= 2 && !strcmp(argv[1], "--failed")) {
+            rc = kp_db_exec(db, &r,
+                            "UPDATE jobs SET state = 'pending', attempts = 0, lease_until = now(), "
+                            "updated_at = now() WHERE state = 'failed' RETURNING id",
+                            0, NULL);
+        } else if (argc >= 2) {
+            const char *p[] = {argv[1]};
+            rc = kp_db_exec(db, &r,
+                            "UPDATE jobs SET state = 'pending', attempts = 0, lease_until = now(), "
+                            "updated_at = now() WHERE id = $1::bigint AND state <> 'pending' "
+                            "RETURNING id",
+                            1, p);
+        } else {
+            s_usage();
+            rc = 2;
+        }
+        if (r) {
+            printf("%d job(s) made pending again; the next sweep publishes them\n", PQntuples(r));
+            PQclear(r);
+        }
+    } else {
+        const char *state = NULL, *limit = "50";
+        for (int i = 0; i < argc; i++) {
+            if (!strcmp(argv[i], "--state") && i + 1 < argc) state = argv[++i];
+            else if (!strcmp(argv[i], "--limit") && i + 1 < argc) limit = argv[++i];
+        }
+        const char *p[] = {state, limit};
+        PGresult *r = NULL;
+        rc = kp_db_exec(db, &r,
+                        "SELECT id, type, state, attempts, to_char(created_at, 'YYYY-MM-DD "
+                        "HH24:MI:SS'), coalesce(last_error, ''), payload->>'sop' FROM jobs WHERE "
+                        "($1::text IS NULL OR state = $1) ORDER BY id DESC LIMIT $2::int",
+                        2, p);
+        if (!rc) {
+            printf("%-10s %-8s %-8s %-4s %-20s %s\n", "id", "type", "state", "try", "created",
+                   "detail");
+            for (int i = 0; i < PQntuples(r); i++)
+                printf("%-10s %-8s %-8s %-4s %-20s %s %s\n", PQgetvalue(r, i, 0),
+                       PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+                       PQgetvalue(r, i, 4), PQgetvalue(r, i, 6), PQgetvalue(r, i, 5));
+            PQclear(r);
+        }
+    }
+    kp_db_destroy(&db);
+    return rc ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    int rest[argc + 1];
+    memset(rest, 0, sizeof rest);
+    bool exit_now = false;
+    kp_log_threshold = KP_LOG_WARN;
+    kp_config_t *cfg = kp_config_from_args(argc, argv, "pacsctl", &exit_now, rest);
+    if (!cfg) return exit_now ? 0 : 1;
+    if (exit_now) {
+        kp_config_destroy(&cfg);
+        return 0;
+    }
+    if (kp_log_threshold == KP_LOG_INFO && !getenv("KP_LOG_LEVEL")) kp_log_threshold = KP_LOG_WARN;
+    char *args[argc + 1];
+    int n = 0;
+    for (int i = 1; i < argc; i++)
+        if (rest[i]) args[n++] = argv[i];
+    args[n] = NULL;
+    int rc = 2;
+    if (n == 0)
+        s_usage();
+    else if (!strcmp(args[0], "migrate"))
+        rc = s_migrate(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "stats"))
+        rc = s_stats(cfg);
+    else if (!strcmp(args[0], "reindex"))
+        rc = s_reindex(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "jobs"))
+        rc = s_jobs(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "config-get") && n == 2) {
+        char val[1024];
+        rc = kp_config_get(cfg, args[1], val, sizeof val) ? 1 : 0;
+        if (rc)
+            fprintf(stderr, "pacsctl: unknown setting '%s'\n", args[1]);
+        else
+            printf("%s\n", val);
+    } else if (!strcmp(args[0], "config-example")) {
+        kp_config_write_example(stdout);
+        rc = 0;
+    } else {
+        fprintf(stderr, "pacsctl: unknown command '%s'\n", args[0]);
+        s_usage();
+    }
+    kp_config_destroy(&cfg);
+    return rc;
+}

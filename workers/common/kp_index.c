@@ -1,0 +1,465 @@
+/* kp_index: index writer shared by pacs-indexer and pacsctl reindex (see kp_index.h). */
+#include "kp_index.h"
+
+#include "kp_dicom.h"
+#include "kp_errors.h"
+#include "kp_log.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum {
+    T_SPECIFIC_CHARSET = 0x00080005,
+    T_SOP_CLASS = 0x00080016,
+    T_SOP_INSTANCE = 0x00080018,
+    T_STUDY_DATE = 0x00080020,
+    T_SERIES_DATE = 0x00080021,
+    T_CONTENT_DATE = 0x00080023,
+    T_STUDY_TIME = 0x00080030,
+    T_SERIES_TIME = 0x00080031,
+    T_CONTENT_TIME = 0x00080033,
+    T_ACCESSION = 0x00080050,
+    T_MODALITY = 0x00080060,
+    T_INSTITUTION = 0x00080080,
+    T_REFERRING = 0x00080090,
+    T_TZ_OFFSET = 0x00080201,
+    T_STATION = 0x00081010,
+    T_STUDY_DESC = 0x00081030,
+    T_SERIES_DESC = 0x0008103E,
+    T_PATIENT_NAME = 0x00100010,
+    T_PATIENT_ID = 0x00100020,
+    T_ISSUER = 0x00100021,
+    T_BIRTH_DATE = 0x00100030,
+    T_SEX = 0x00100040,
+    T_BODY_PART = 0x00180015,
+    T_STUDY_UID = 0x0020000D,
+    T_SERIES_UID = 0x0020000E,
+    T_STUDY_ID = 0x00200010,
+    T_SERIES_NUMBER = 0x00200011,
+    T_INSTANCE_NUMBER = 0x00200013,
+    T_FRAMES = 0x00280008,
+    T_ROWS = 0x00280010,
+    T_COLUMNS = 0x00280011,
+    T_BITS_ALLOCATED = 0x00280100,
+    T_SPS_ID = 0x00400009,
+    T_PPS_START_DATE = 0x00400244,
+    T_PPS_START_TIME = 0x00400245,
+    T_REQUEST_ATTRS = 0x00400275,
+    T_RP_ID = 0x00401001,
+};
+
+/* One parsed item, ready to write. Strings are borrowed from the open file. */
+typedef struct {
+    kp_index_item_t *item;
+    kp_dicom_file_t *f;
+    const char *patient_id, *issuer, *study_uid, *series_uid, *sop_uid;
+    char sha[65];
+    int64_t size;
+    char *json;
+    char pix_off[24], pix_len[24];
+} s_parsed_t;
+
+static const char *s_or_empty(const char *s) { return s ? s : ""; }
+
+/* Text of a valid integer for an integer column, or NULL (bad values never fail the instance). */
+static const char *s_int(kp_dicom_file_t *f, uint32_t tag, char buf[16])
+{
+    const char *v = kp_dicom_get(f, tag);
+    if (!v) return NULL;
+    while (*v == ' ') v++;
+    char *end;
+    errno = 0;
+    long n = strtol(v, &end, 10);
+    while (*end == ' ') end++;
+    if (errno || end == v || (*end && *end != '\\') || n < -2147483647L || n > 2147483647L)
+        return NULL;
+    snprintf(buf, 16, "%ld", n);
+    return buf;
+}
+
+static const char *s_nonempty(const char *v) { return v && *v ? v : NULL; }
+
+static int s_parse(kp_storage_t *st, s_parsed_t *p)
+{
+    kp_index_item_t *it = p->item;
+    if (!kp_storage_relpath_valid(it->rel)) {
+        kp_error("index", "refusing a storage path of unexpected shape: %s", it->rel);
+        return KP_EINVAL;
+    }
+    char *abs = kp_storage_abspath(st, it->rel);
+    int err = 0;
+    int rc = 0;
+    if (it->sha256 && it->size >= 0) {
+        snprintf(p->sha, sizeof p->sha, "%s", it->sha256);
+        p->size = it->size;
+    } else if ((rc = kp_storage_sha256_file(abs, p->sha, &p->size))) {
+        kp_error("index", "cannot read %s", abs);
+        free(abs);
+        return KP_EIO;
+    }
+    p->f = kp_dicom_open(abs, &err);
+    free(abs);
+    if (!p->f) return err ? err : KP_EDICOM;
+    p->study_uid = s_nonempty(kp_dicom_get(p->f, T_STUDY_UID));
+    p->series_uid = s_nonempty(kp_dicom_get(p->f, T_SERIES_UID));
+    p->sop_uid = s_nonempty(kp_dicom_get(p->f, T_SOP_INSTANCE));
+    if (!p->study_uid || !p->series_uid || !p->sop_uid) {
+        kp_error("index", "%s lacks Study, Series or SOP Instance UID", it->rel);
+        return KP_EDICOM;
+    }
+    char expect[KP_STORAGE_RELPATH_MAX];
+    kp_storage_relpath(p->sop_uid, expect);
+    if (strcmp(expect, it->rel))
+        kp_warn("index", "%s holds SOP Instance UID %s which does not match its path", it->rel,
+                p->sop_uid);
+    p->patient_id = s_or_empty(kp_dicom_get(p->f, T_PATIENT_ID));
+    p->issuer = s_or_empty(kp_dicom_get(p->f, T_ISSUER));
+    char prefix[512];
+    snprintf(prefix, sizeof prefix, "/dicom-web/studies/%s/series/%s/instances/%s", p->study_uid,
+             p->series_uid, p->sop_uid);
+    p->json = kp_dicom_json(p->f, prefix, KP_INDEX_BULK_THRESHOLD);
+    if (!p->json) {
+        kp_error("index", "%s: cannot produce DICOM JSON", it->rel);
+        return KP_EDICOM;
+    }
+    int64_t off, len;
+    if (kp_dicom_pixel_location(p->f, &off, &len) == 0) {
+        snprintf(p->pix_off, sizeof p->pix_off, "%lld", (long long)off);
+        snprintf(p->pix_len, sizeof p->pix_len, "%lld", (long long)len);
+    }
+    return 0;
+}
+
+static int s_cmp(const void *a, const void *b)
+{
+    const s_parsed_t *x = a, *y = b;
+    if (!x->f || !y->f) return (x->f == NULL) - (y->f == NULL);
+    int c = strcmp(x->patient_id, y->patient_id);
+    if (!c) c = strcmp(x->issuer, y->issuer);
+    if (!c) c = strcmp(x->study_uid, y->study_uid);
+    if (!c) c = strcmp(x->series_uid, y->series_uid);
+    if (!c) c = strcmp(x->sop_uid, y->sop_uid);
+    return c;
+}
+
+static int s_returning_pk(kp_db_t *db, const char *sql, int n, const char *const *params,
+                          char out[24])
+{
+    PGresult *r = NULL;
+    int rc = kp_db_exec(db, &r, sql, n, params);
+    if (rc) return rc;
+    if (PQntuples(r) != 1) {
+        PQclear(r);
+        return KP_EDB;
+    }
+    snprintf(out, 24, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return 0;
+}
+
+/* Marks a job done inside the transaction. Returns 1 when it was already finished (skip). */
+static int s_claim_job(kp_db_t *db, int64_t id)
+{
+    if (!id) return 0;
+    char buf[24];
+    snprintf(buf, sizeof buf, "%lld", (long long)id);
+    const char *params[] = {buf};
+    PGresult *r = NULL;
+    int rc = kp_db_exec(db, &r,
+                        "UPDATE jobs SET state = 'done', updated_at = now(), last_error = NULL "
+                        "WHERE id = $1::bigint AND state = 'pending' RETURNING id",
+                        1, params);
+    if (rc) return rc;
+    int n = PQntuples(r);
+    PQclear(r);
+    return n == 1 ? 0 : 1;
+}
+
+/* Touched rows whose aggregates are recomputed at the end of the transaction. */
+typedef struct {
+    char (*pk)[24];
+    size_t n, cap;
+} s_set_t;
+
+static void s_set_add(s_set_t *s, const char *pk)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (!strcmp(s->pk[i], pk)) return;
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 16;
+        s->pk = realloc(s->pk, s->cap * sizeof *s->pk);
+        if (!s->pk) abort();
+    }
+    snprintf(s->pk[s->n++], 24, "%s", pk);
+}
+
+static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char study_pk[24],
+                       char series_pk[24], s_set_t *old_series)
+{
+    kp_dicom_file_t *f = p->f;
+    int rc;
+    const char *pat[] = {p->patient_id, p->issuer, kp_dicom_get(f, T_PATIENT_NAME),
+                         kp_dicom_get(f, T_BIRTH_DATE), kp_dicom_get(f, T_SEX)};
+    rc = s_returning_pk(db,
+                        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex) "
+                        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (patient_id, issuer) DO UPDATE "
+                        "SET patient_name = EXCLUDED.patient_name, birth_date = "
+                        "EXCLUDED.birth_date, sex = EXCLUDED.sex, updated_at = now() RETURNING pk",
+                        5, pat, patient_pk);
+    if (rc) return rc;
+    const char *stu[] = {patient_pk,
+                         p->study_uid,
+                         kp_dicom_get(f, T_STUDY_DATE),
+                         kp_dicom_get(f, T_STUDY_TIME),
+                         kp_dicom_get(f, T_ACCESSION),
+                         kp_dicom_get(f, T_STUDY_ID),
+                         kp_dicom_get(f, T_STUDY_DESC),
+                         kp_dicom_get(f, T_REFERRING),
+                         kp_dicom_get(f, T_PATIENT_NAME),
+                         p->patient_id,
+                         p->issuer,
+                         kp_dicom_get(f, T_BIRTH_DATE),
+                         kp_dicom_get(f, T_SEX),
+                         kp_dicom_get(f, T_TZ_OFFSET),
+                         kp_dicom_get(f, T_SPECIFIC_CHARSET)};
+    rc = s_returning_pk(
+        db,
+        "INSERT INTO studies (patient_pk, study_uid, study_date, study_time, accession_number, "
+        "study_id, study_description, referring_physician, patient_name, patient_name_fold, "
+        "patient_id, issuer_of_patient_id, patient_birth_date, patient_sex, timezone_offset, "
+        "specific_charset) VALUES ($1::bigint, $2, $3, $4, $5, $6, $7, $8, $9, kp_fold($9), $10, "
+        "$11, $12, $13, $14, $15) ON CONFLICT (study_uid) DO UPDATE SET patient_pk = "
+        "EXCLUDED.patient_pk, study_date = EXCLUDED.study_date, study_time = EXCLUDED.study_time, "
+        "accession_number = EXCLUDED.accession_number, study_id = EXCLUDED.study_id, "
+        "study_description = EXCLUDED.study_description, referring_physician = "
+        "EXCLUDED.referring_physician, patient_name = EXCLUDED.patient_name, patient_name_fold = "
+        "EXCLUDED.patient_name_fold, patient_id = EXCLUDED.patient_id, issuer_of_patient_id = "
+        "EXCLUDED.issuer_of_patient_id, patient_birth_date = EXCLUDED.patient_birth_date, "
+        "patient_sex = EXCLUDED.patient_sex, timezone_offset = EXCLUDED.timezone_offset, "
+        "specific_charset = EXCLUDED.specific_charset, updated_at = now() RETURNING pk",
+        15, stu, study_pk);
+    if (rc) return rc;
+    char nbuf[16];
+    const char *ser[] = {study_pk,
+                         p->series_uid,
+                         kp_dicom_get(f, T_MODALITY),
+                         s_int(f, T_SERIES_NUMBER, nbuf),
+                         kp_dicom_get(f, T_SERIES_DESC),
+                         kp_dicom_get(f, T_SERIES_DATE),
+                         kp_dicom_get(f, T_SERIES_TIME),
+                         kp_dicom_get(f, T_BODY_PART),
+                         kp_dicom_get(f, T_STATION),
+                         kp_dicom_get(f, T_PPS_START_DATE),
+                         kp_dicom_get(f, T_PPS_START_TIME),
+                         kp_dicom_get_in_seq(f, T_REQUEST_ATTRS, T_SPS_ID),
+                         kp_dicom_get_in_seq(f, T_REQUEST_ATTRS, T_RP_ID),
+                         kp_dicom_get(f, T_INSTITUTION)};
+    rc = s_returning_pk(
+        db,
+        "INSERT INTO series (study_pk, series_uid, modality, series_number, series_description, "
+        "series_date, series_time, body_part, station_name, pps_start_date, pps_start_time, "
+        "request_spsid, request_rpid, institution_name) VALUES ($1::bigint, $2, $3, $4::int, $5, "
+        "$6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (series_uid) DO UPDATE SET "
+        "study_pk = EXCLUDED.study_pk, modality = EXCLUDED.modality, series_number = "
+        "EXCLUDED.series_number, series_description = EXCLUDED.series_description, series_date = "
+        "EXCLUDED.series_date, series_time = EXCLUDED.series_time, body_part = "
+        "EXCLUDED.body_part, station_name = EXCLUDED.station_name, pps_start_date = "
+        "EXCLUDED.pps_start_date, pps_start_time = EXCLUDED.pps_start_time, request_spsid = "
+        "EXCLUDED.request_spsid, request_rpid = EXCLUDED.request_rpid, institution_name = "
+        "EXCLUDED.institution_name, updated_at = now() RETURNING pk",
+        14, ser, series_pk);
+    if (rc) return rc;
+    char b1[16], b2[16], b3[16], b4[16], b5[16];
+    const char *ins[] = {series_pk,
+                         p->sop_uid,
+                         kp_dicom_get(f, T_SOP_CLASS),
+                         s_int(f, T_INSTANCE_NUMBER, b1),
+                         kp_dicom_transfer_syntax(f),
+                         s_int(f, T_ROWS, b2),
+                         s_int(f, T_COLUMNS, b3),
+                         s_int(f, T_BITS_ALLOCATED, b4),
+                         s_int(f, T_FRAMES, b5),
+                         kp_dicom_get(f, T_CONTENT_DATE),
+                         kp_dicom_get(f, T_CONTENT_TIME),
+                         p->item->rel,
+                         NULL,
+                         p->sha,
+                         p->pix_off[0] ? p->pix_off : NULL,
+                         p->pix_len[0] ? p->pix_len : NULL,
+                         kp_dicom_charset_fallback(f) ? "true" : "false",
+                         p->item->calling_ae,
+                         p->json};
+    char size[24];
+    snprintf(size, sizeof size, "%lld", (long long)p->size);
+    ins[12] = size;
+    PGresult *r = NULL;
+    rc = kp_db_exec(
+        db, &r,
+        "WITH old AS (SELECT series_pk FROM instances WHERE sop_uid = $2) "
+        "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
+        "transfer_syntax_uid, rows, columns, bits_allocated, number_of_frames, content_date, "
+        "content_time, path, file_size, file_sha256, pixel_offset, pixel_length, "
+        "charset_fallback, calling_ae, metadata) VALUES ($1::bigint, $2, $3, $4::int, $5, "
+        "$6::int, $7::int, $8::int, $9::int, $10, $11, $12, $13::bigint, $14, $15::bigint, "
+        "$16::bigint, $17::boolean, $18, $19::jsonb) ON CONFLICT (sop_uid) DO UPDATE SET "
+        "series_pk = EXCLUDED.series_pk, sop_class_uid = EXCLUDED.sop_class_uid, "
+        "instance_number = EXCLUDED.instance_number, transfer_syntax_uid = "
+        "EXCLUDED.transfer_syntax_uid, rows = EXCLUDED.rows, columns = EXCLUDED.columns, "
+        "bits_allocated = EXCLUDED.bits_allocated, number_of_frames = EXCLUDED.number_of_frames, "
+        "content_date = EXCLUDED.content_date, content_time = EXCLUDED.content_time, path = "
+        "EXCLUDED.path, file_size = EXCLUDED.file_size, file_sha256 = EXCLUDED.file_sha256, "
+        "pixel_offset = EXCLUDED.pixel_offset, pixel_length = EXCLUDED.pixel_length, "
+        "charset_fallback = EXCLUDED.charset_fallback, calling_ae = "
+        "coalesce(EXCLUDED.calling_ae, instances.calling_ae), metadata = EXCLUDED.metadata, "
+        "updated_at = now() RETURNING (SELECT series_pk FROM old)",
+        19, ins);
+    if (rc) return rc;
+    if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) && strcmp(PQgetvalue(r, 0, 0), series_pk))
+        s_set_add(old_series, PQgetvalue(r, 0, 0)); /* the instance moved: fix its old series */
+    PQclear(r);
+    return 0;
+}
+
+static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *patients)
+{
+    int rc = 0;
+    for (size_t i = 0; !rc && i < series->n; i++) {
+        const char *pp[] = {series->pk[i]};
+        rc = kp_db_run(db,
+                       "UPDATE series SET num_instances = (SELECT count(*) FROM instances WHERE "
+                       "series_pk = $1::bigint) WHERE pk = $1::bigint",
+                       1, pp);
+        if (!rc)
+            rc = kp_db_run(db,
+                           "DELETE FROM series WHERE pk = $1::bigint AND num_instances = 0", 1,
+                           pp);
+    }
+    for (size_t i = 0; !rc && i < studies->n; i++) {
+        const char *pp[] = {studies->pk[i]};
+        rc = kp_db_run(
+            db,
+            "UPDATE studies s SET num_series = a.ns, num_instances = a.ni, modalities = a.mods, "
+            "sop_classes = a.classes FROM (SELECT count(*) AS ns, coalesce(sum(num_instances), 0) "
+            "AS ni, coalesce(array_agg(DISTINCT modality ORDER BY modality) FILTER (WHERE "
+            "modality IS NOT NULL AND modality <> ''), '{}') AS mods, coalesce((SELECT "
+            "array_agg(DISTINCT i.sop_class_uid ORDER BY i.sop_class_uid) FROM instances i JOIN "
+            "series se ON se.pk = i.series_pk WHERE se.study_pk = $1::bigint AND i.sop_class_uid "
+            "IS NOT NULL), '{}') AS classes FROM series WHERE study_pk = $1::bigint) a WHERE s.pk "
+            "= $1::bigint",
+            1, pp);
+        if (!rc)
+            rc = kp_db_run(db, "DELETE FROM studies WHERE pk = $1::bigint AND num_series = 0", 1,
+                           pp);
+    }
+    for (size_t i = 0; !rc && i < patients->n; i++) {
+        const char *pp[] = {patients->pk[i]};
+        rc = kp_db_run(db,
+                       "UPDATE patients SET num_studies = (SELECT count(*) FROM studies WHERE "
+                       "patient_pk = $1::bigint) WHERE pk = $1::bigint",
+                       1, pp);
+    }
+    return rc;
+}
+
+static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
+{
+    s_set_t series = {0}, studies = {0}, patients = {0}, moved = {0};
+    int rc = kp_db_begin(db);
+    for (size_t i = 0; !rc && i < n; i++) {
+        s_parsed_t *p = &ps[i];
+        int claim = s_claim_job(db, p->item->job_id);
+        if (claim < 0) {
+            rc = claim;
+            break;
+        }
+        if (claim == 1) {
+            p->item->result = 1;
+            continue;
+        }
+        if (!p->f || p->item->result < 0) {
+            int why = p->item->result < 0 ? p->item->result : KP_EDICOM;
+            /* claimed as done above; record the failure instead */
+            char idb[24];
+            snprintf(idb, sizeof idb, "%lld", (long long)p->item->job_id);
+            const char *pp[] = {idb, kp_strerror(why)};
+            if (p->item->job_id)
+                rc = kp_db_run(db,
+                               "UPDATE jobs SET state = 'failed', last_error = $2 WHERE id = "
+                               "$1::bigint",
+                               2, pp);
+            p->item->result = why;
+            continue;
+        }
+        char patient_pk[24], study_pk[24], series_pk[24];
+        rc = s_write_one(db, p, patient_pk, study_pk, series_pk, &moved);
+        if (rc) break;
+        s_set_add(&patients, patient_pk);
+        s_set_add(&studies, study_pk);
+        s_set_add(&series, series_pk);
+        p->item->result = 0;
+        snprintf(p->item->study_uid, sizeof p->item->study_uid, "%s", p->study_uid);
+    }
+    if (!rc && moved.n) {
+        /* Old series of moved instances: find their studies and patients too. */
+        for (size_t i = 0; !rc && i < moved.n; i++) {
+            const char *pp[] = {moved.pk[i]};
+            PGresult *r = NULL;
+            rc = kp_db_exec(db, &r,
+                            "SELECT se.study_pk, st.patient_pk FROM series se JOIN studies st ON "
+                            "st.pk = se.study_pk WHERE se.pk = $1::bigint",
+                            1, pp);
+            if (rc) break;
+            if (PQntuples(r) == 1) {
+                s_set_add(&series, moved.pk[i]);
+                s_set_add(&studies, PQgetvalue(r, 0, 0));
+                s_set_add(&patients, PQgetvalue(r, 0, 1));
+            }
+            PQclear(r);
+        }
+    }
+    if (!rc) rc = s_aggregate(db, &series, &studies, &patients);
+    if (!rc) rc = kp_db_commit(db);
+    if (rc) kp_db_rollback(db);
+    free(series.pk);
+    free(studies.pk);
+    free(patients.pk);
+    free(moved.pk);
+    return rc;
+}
+
+int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n)
+{
+    if (!n) return 0;
+    s_parsed_t *ps = calloc(n, sizeof *ps);
+    if (!ps) abort();
+    for (size_t i = 0; i < n; i++) {
+        ps[i].item = &items[i];
+        items[i].result = 0;
+        int rc = s_parse(st, &ps[i]);
+        if (rc) {
+            items[i].result = rc;
+            kp_dicom_close(&ps[i].f);
+            kp_warn("index", "cannot index %s: %s", items[i].rel, kp_strerror(rc));
+        }
+    }
+    qsort(ps, n, sizeof *ps, s_cmp);
+    int rc = 0;
+    for (int attempt = 0; attempt < 5; attempt++) {
+        rc = s_write(db, ps, n);
+        if (rc != KP_EAGAIN) break;
+        for (size_t i = 0; i < n; i++)
+            if (items[i].result == 0 || items[i].result == 1) items[i].result = 0;
+    }
+    if (rc) {
+        for (size_t i = 0; i < n; i++)
+            if (items[i].result >= 0) items[i].result = rc;
+    }
+    for (size_t i = 0; i < n; i++) {
+        kp_dicom_close(&ps[i].f);
+        free(ps[i].json);
+    }
+    free(ps);
+    return rc;
+}
