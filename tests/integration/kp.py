@@ -140,8 +140,23 @@ class System:
             return f.read()
 
     def stop(self):
+        """Stops every process (SIGTERM, so sanitizer builds report leaks at exit) and fails
+        when a log shows a sanitizer report or a crash."""
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
+        problems = []
+        for name, path in self.logs.items():
+            with open(path, errors="replace") as f:
+                text = f.read()
+            for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                           "Segmentation fault", "terminate called"):
+                if marker in text:
+                    i = text.index(marker)
+                    problems.append(f"{name}: {text[max(0, i - 200):i + 3000]}")
+        if problems:
+            keep = self.dir + ".failed"
+            shutil.move(self.dir, keep)
+            raise AssertionError("process problems (logs kept in %s):\n%s" % (keep, "\n".join(problems)))
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- DICOM clients --------------------------------------------------------------------
@@ -151,7 +166,10 @@ class System:
         return r.returncode == 0
 
     def storescu(self, files, aet="MODALITY", aec="KLINIKA", extra=(), timeout=600):
-        """Sends files on one association; returns (returncode, {file: 'ok'|status}, output)."""
+        """Sends files on one association; returns (returncode, {file: 'ok'|status}, output).
+
+        Pass extra=["-R"] to propose exactly each file's SOP class and transfer syntax (how a
+        modality sends compressed images as they are)."""
         cmd = ["storescu", "-v", "-nh", "-aet", aet, "-aec", aec, *extra, "127.0.0.1",
                str(self.port), *files]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)

@@ -49,7 +49,7 @@ def sent(system):
     def send_group(files):
         out = []
         for f in files:
-            rc, res, text = system.storescu([f])
+            rc, res, text = system.storescu([f], extra=["-R"])
             out.append((f, res.get(f, "not sent"), text))
         return out
 
@@ -65,14 +65,22 @@ def test_parsable_files_are_acknowledged(system, sent):
     info, groups, results = sent
     ok = [f for f, (st, _) in results.items() if st == "ok"]
     assert len(ok) >= 60, f"only {len(ok)} files acknowledged"
-    # Every file dcmdump reads with the three UIDs and a SOP class must have been accepted.
-    refused = []
+    # Every file dcmdump reads with the three UIDs and a SOP class must have been accepted when
+    # storescu could send it (storescu itself refuses some files: no SOP Instance UID, a
+    # truncated data set); a refusal by the server shows as a Store Response with a failure.
+    refused, client_side = [], []
     for f, (rc, vals) in info.items():
         complete = rc == 0 and all(vals.get(t) for t in ("0020000D", "0020000E", "00080018",
                                                          "00080016"))
         status, text = results[f]
-        if complete and status not in ("ok", "not sent"):
-            refused.append((os.path.basename(f), status))
+        if status == "ok":
+            continue
+        if "Received Store Response" in text:
+            if complete:
+                refused.append((os.path.basename(f), status))
+        else:
+            client_side.append(os.path.basename(f))
+    print(f"\n{len(ok)} acknowledged; storescu could not send {len(client_side)}: {client_side}")
     assert not refused, f"parsable files refused by the server: {refused}"
     assert system.alive("pacs-dicomd")
 
