@@ -23,6 +23,7 @@ CREATE TABLE patients (
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     num_studies     integer NOT NULL DEFAULT 0,
+    attrs_from      text NOT NULL DEFAULT '',  -- see the note at the top
     UNIQUE (patient_id, issuer)
 );
 
@@ -49,6 +50,7 @@ CREATE TABLE studies (
     sop_classes           text[] NOT NULL DEFAULT '{}',
     num_series            integer NOT NULL DEFAULT 0,
     num_instances         integer NOT NULL DEFAULT 0,
+    attrs_from            text NOT NULL DEFAULT '',
     created_at            timestamptz NOT NULL DEFAULT now(),
     updated_at            timestamptz NOT NULL DEFAULT now()
 );
@@ -77,6 +79,7 @@ CREATE TABLE series (
     request_rpid          text,   -- RequestAttributeSequence > RequestedProcedureID
     institution_name      text,
     num_instances         integer NOT NULL DEFAULT 0,
+    attrs_from            text NOT NULL DEFAULT '',
     created_at            timestamptz NOT NULL DEFAULT now(),
     updated_at            timestamptz NOT NULL DEFAULT now()
 );
@@ -103,6 +106,7 @@ CREATE TABLE instances (
     pixel_length          bigint,             -- its length (-1: undefined / encapsulated)
     charset_fallback      boolean NOT NULL DEFAULT false,  -- kept raw: charset not convertible
     calling_ae            text,
+    received_at           timestamptz,        -- the file's modification time
     metadata              jsonb NOT NULL,     -- DICOM JSON (PS3.18 Annex F), bulk data by URI
     created_at            timestamptz NOT NULL DEFAULT now(),
     updated_at            timestamptz NOT NULL DEFAULT now()

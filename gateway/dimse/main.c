@@ -220,16 +220,24 @@ fail:
 
 /* ---- committer thread ------------------------------------------------------------------- */
 
+/* Publishes committed jobs. A failed publish is fine: the outbox sweep publishes them later. */
+static void s_publish(PGresult *r)
+{
+    for (int i = 0; i < PQntuples(r); i++) {
+        kp_msg_t m = {.v = 1, .id = atoll(PQgetvalue(r, i, 0)), .attempt = 0};
+        snprintf(m.type, sizeof m.type, "index");
+        m.payload = json_loads(PQgetvalue(r, i, 1), 0, NULL);
+        if (m.payload && kp_bus_submit(s_d.bus, &m))
+            kp_debug("bus", "job %lld not published now; the outbox sweep will", (long long)m.id);
+        kp_msg_clear(&m);
+    }
+}
+
+/* Makes a group durable: the outbox INSERT (one statement, one WAL flush) is sent first and the
+ * directory fsyncs run while PostgreSQL commits, so the two flushes overlap. Only when both
+ * succeeded is the group acknowledged. */
 static int s_commit_group(s_pending_t **items, size_t n)
 {
-    int rc = 0;
-    /* One directory fsync per distinct directory in the group. */
-    for (size_t i = 0; i < n && !rc; i++) {
-        bool seen = false;
-        for (size_t j = 0; j < i && !seen; j++) seen = !strncmp(items[i]->rel, items[j]->rel, 5);
-        if (!seen) rc = kp_storage_sync_dir(s_d.st, items[i]->rel);
-    }
-    if (rc) return rc;
     json_t *arr = json_array();
     for (size_t i = 0; i < n; i++)
         json_array_append_new(arr, json_pack("{s:s, s:s, s:s, s:I, s:s}", "path", items[i]->rel,
@@ -241,26 +249,43 @@ static int s_commit_group(s_pending_t **items, size_t n)
     char lease[16];
     snprintf(lease, sizeof lease, "%ld", s_d.cfg->jobs_lease);
     const char *params[] = {payloads, lease};
-    PGresult *r = NULL;
-    rc = kp_db_exec(s_d.db, &r,
-                    "INSERT INTO jobs (type, payload, lease_until) SELECT 'index', p, now() + "
-                    "make_interval(secs => $2::int) FROM jsonb_array_elements($1::jsonb) AS p "
-                    "RETURNING id, payload::text",
-                    2, params);
-    free(payloads);
-    if (rc) return rc;
-    /* Committed (autocommit): publish. A failed publish is fine: the sweep re-publishes. */
-    for (int i = 0; i < PQntuples(r); i++) {
-        kp_msg_t m = {.v = 1, .id = atoll(PQgetvalue(r, i, 0)), .attempt = 0};
-        snprintf(m.type, sizeof m.type, "index");
-        m.payload = json_loads(PQgetvalue(r, i, 1), 0, NULL);
-        if (m.payload && kp_bus_submit(s_d.bus, &m))
-            kp_debug("bus", "job %lld not published now; the outbox sweep will",
-                     (long long)m.id);
-        kp_msg_clear(&m);
+    int rc = kp_db_ensure(s_d.db);
+    PGconn *conn = kp_db_conn(s_d.db);
+    if (!rc && !PQsendQueryParams(conn,
+                                  "INSERT INTO jobs (type, payload, lease_until) SELECT 'index', p, "
+                                  "now() + make_interval(secs => $2::int) FROM "
+                                  "jsonb_array_elements($1::jsonb) AS p RETURNING id, payload::text",
+                                  2, NULL, params, NULL, NULL, 0)) {
+        kp_error("db", "cannot send the outbox insert: %s", PQerrorMessage(conn));
+        rc = KP_EDB;
     }
-    PQclear(r);
-    return 0;
+    free(payloads);
+    int dir_rc = 0;
+    for (size_t i = 0; i < n && !dir_rc; i++) { /* one fsync per distinct directory */
+        bool seen = false;
+        for (size_t j = 0; j < i && !seen; j++) seen = !strncmp(items[i]->rel, items[j]->rel, 5);
+        if (!seen) dir_rc = kp_storage_sync_dir(s_d.st, items[i]->rel);
+    }
+    if (rc) return rc;
+    PGresult *r, *ok = NULL;
+    while ((r = PQgetResult(conn))) {
+        if (PQresultStatus(r) == PGRES_TUPLES_OK && !ok) {
+            ok = r;
+            continue;
+        }
+        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(r));
+            msg[strcspn(msg, "\n")] = 0;
+            kp_error("db", "outbox insert failed: %s", msg);
+            rc = KP_EDB;
+        }
+        PQclear(r);
+    }
+    if (!ok && !rc) rc = KP_EDB;
+    if (ok && !rc) s_publish(ok); /* committed: even if a directory fsync failed, index it */
+    PQclear(ok);
+    return rc ? rc : dir_rc;
 }
 
 static void *s_committer(void *arg)

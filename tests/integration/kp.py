@@ -213,6 +213,28 @@ class System:
         return r
 
 
+_TS_FLAGS = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.4.100": "-xm",
+    "1.2.840.10008.1.2.4.101": "-xh", "1.2.840.10008.1.2.4.102": "-xn",
+}
+
+
+def storescu_flags(path):
+    """storescu options that propose exactly the file's own SOP class and transfer syntax, as a
+    modality sending its images unchanged would (-R: only the needed SOP classes)."""
+    try:
+        import pydicom
+        ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    except Exception:
+        ts = ""
+    flag = _TS_FLAGS.get(ts)
+    return ["-R"] + ([flag] if flag else [])
+
+
 _SEND = re.compile(r"Sending file: (.*)$")
 _RSP = re.compile(r"Received Store Response(?: \((.*)\))?")
 _STATUS = re.compile(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})")
@@ -242,6 +264,11 @@ def parse_storescu(output):
 def dcmdump_values(path, tags):
     """Values dcmdump shows for the given top-level tags, as UTF-8 (converted with +U8)."""
     r = subprocess.run(["dcmdump", "+U8", "-q", "+L", path], capture_output=True, timeout=60)
+    if r.returncode != 0:
+        # e.g. a character set iconv cannot convert (ISO 2022 IR 87): the raw values then
+        raw = subprocess.run(["dcmdump", "-q", "+L", path], capture_output=True, timeout=60)
+        if raw.returncode == 0:
+            r = raw
     out = r.stdout.decode("utf-8", errors="replace")
     vals = {}
     for line in out.splitlines():

@@ -6,6 +6,7 @@
 #include "kp_log.h"
 
 #include <errno.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +60,8 @@ typedef struct {
     int64_t size;
     char *json;
     char pix_off[24], pix_len[24];
+    char attrs_from[128]; /* "<mtime ns>|<SOP UID>": newest received instance wins */
+    char received_at[40]; /* the file's mtime as an SQL timestamp */
 } s_parsed_t;
 
 static const char *s_or_empty(const char *s) { return s ? s : ""; }
@@ -99,6 +102,12 @@ static int s_parse(kp_storage_t *st, s_parsed_t *p)
         free(abs);
         return KP_EIO;
     }
+    struct stat sb;
+    if (stat(abs, &sb)) {
+        kp_error("index", "cannot stat %s", abs);
+        free(abs);
+        return KP_EIO;
+    }
     p->f = kp_dicom_open(abs, &err);
     free(abs);
     if (!p->f) return err ? err : KP_EDICOM;
@@ -114,6 +123,10 @@ static int s_parse(kp_storage_t *st, s_parsed_t *p)
     if (strcmp(expect, it->rel))
         kp_warn("index", "%s holds SOP Instance UID %s which does not match its path", it->rel,
                 p->sop_uid);
+    snprintf(p->attrs_from, sizeof p->attrs_from, "%020lld.%09ld|%s", (long long)sb.st_mtim.tv_sec,
+             (long)sb.st_mtim.tv_nsec, p->sop_uid);
+    snprintf(p->received_at, sizeof p->received_at, "%lld.%06ld", (long long)sb.st_mtim.tv_sec,
+             (long)(sb.st_mtim.tv_nsec / 1000));
     p->patient_id = s_or_empty(kp_dicom_get(p->f, T_PATIENT_ID));
     p->issuer = s_or_empty(kp_dicom_get(p->f, T_ISSUER));
     char prefix[512];
@@ -142,6 +155,28 @@ static int s_cmp(const void *a, const void *b)
     if (!c) c = strcmp(x->series_uid, y->series_uid);
     if (!c) c = strcmp(x->sop_uid, y->sop_uid);
     return c;
+}
+
+/* Runs an upsert returning (pk, previous parent pk); adds the previous parent to moved when the
+ * row now hangs under another parent. */
+typedef struct s_set s_set_t;
+static void s_set_add(s_set_t *s, const char *pk);
+
+static int s_upsert_child(kp_db_t *db, const char *sql, int n, const char *const *params,
+                          const char *parent_pk, char out[24], s_set_t *moved)
+{
+    PGresult *r = NULL;
+    int rc = kp_db_exec(db, &r, sql, n, params);
+    if (rc) return rc;
+    if (PQntuples(r) != 1) {
+        PQclear(r);
+        return KP_EDB;
+    }
+    snprintf(out, 24, "%s", PQgetvalue(r, 0, 0));
+    if (!PQgetisnull(r, 0, 1) && strcmp(PQgetvalue(r, 0, 1), parent_pk))
+        s_set_add(moved, PQgetvalue(r, 0, 1));
+    PQclear(r);
+    return 0;
 }
 
 static int s_returning_pk(kp_db_t *db, const char *sql, int n, const char *const *params,
@@ -178,10 +213,10 @@ static int s_claim_job(kp_db_t *db, int64_t id)
 }
 
 /* Touched rows whose aggregates are recomputed at the end of the transaction. */
-typedef struct {
+struct s_set {
     char (*pk)[24];
     size_t n, cap;
-} s_set_t;
+};
 
 static void s_set_add(s_set_t *s, const char *pk)
 {
@@ -195,19 +230,27 @@ static void s_set_add(s_set_t *s, const char *pk)
     snprintf(s->pk[s->n++], 24, "%s", pk);
 }
 
+/* "col = the newer of the two": conflicting attributes resolve to the most recently received
+ * instance's (see attrs_from in schema/0001_initial.sql). */
+#define NEWER(t, c)                                                                                \
+    c " = CASE WHEN EXCLUDED.attrs_from >= " t ".attrs_from THEN EXCLUDED." c " ELSE " t "." c " END"
+#define NEWEST(t) "attrs_from = greatest(EXCLUDED.attrs_from, " t ".attrs_from), updated_at = now()"
+
 static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char study_pk[24],
-                       char series_pk[24], s_set_t *old_series)
+                       char series_pk[24], s_set_t *old_series, s_set_t *old_studies,
+                       s_set_t *old_patients)
 {
     kp_dicom_file_t *f = p->f;
     int rc;
     const char *pat[] = {p->patient_id, p->issuer, kp_dicom_get(f, T_PATIENT_NAME),
-                         kp_dicom_get(f, T_BIRTH_DATE), kp_dicom_get(f, T_SEX)};
+                         kp_dicom_get(f, T_BIRTH_DATE), kp_dicom_get(f, T_SEX), p->attrs_from};
     rc = s_returning_pk(db,
-                        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex) "
-                        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (patient_id, issuer) DO UPDATE "
-                        "SET patient_name = EXCLUDED.patient_name, birth_date = "
-                        "EXCLUDED.birth_date, sex = EXCLUDED.sex, updated_at = now() RETURNING pk",
-                        5, pat, patient_pk);
+                        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, "
+                        "attrs_from) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (patient_id, "
+                        "issuer) DO UPDATE SET " NEWER("patients", "patient_name") ", "
+                        NEWER("patients", "birth_date") ", " NEWER("patients", "sex") ", "
+                        NEWEST("patients") " RETURNING pk",
+                        6, pat, patient_pk);
     if (rc) return rc;
     const char *stu[] = {patient_pk,
                          p->study_uid,
@@ -223,23 +266,26 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
                          kp_dicom_get(f, T_BIRTH_DATE),
                          kp_dicom_get(f, T_SEX),
                          kp_dicom_get(f, T_TZ_OFFSET),
-                         kp_dicom_get(f, T_SPECIFIC_CHARSET)};
-    rc = s_returning_pk(
+                         kp_dicom_get(f, T_SPECIFIC_CHARSET),
+                         p->attrs_from};
+    rc = s_upsert_child(
         db,
+        "WITH old AS (SELECT patient_pk FROM studies WHERE study_uid = $2) "
         "INSERT INTO studies (patient_pk, study_uid, study_date, study_time, accession_number, "
         "study_id, study_description, referring_physician, patient_name, patient_name_fold, "
         "patient_id, issuer_of_patient_id, patient_birth_date, patient_sex, timezone_offset, "
-        "specific_charset) VALUES ($1::bigint, $2, $3, $4, $5, $6, $7, $8, $9, kp_fold($9), $10, "
-        "$11, $12, $13, $14, $15) ON CONFLICT (study_uid) DO UPDATE SET patient_pk = "
-        "EXCLUDED.patient_pk, study_date = EXCLUDED.study_date, study_time = EXCLUDED.study_time, "
-        "accession_number = EXCLUDED.accession_number, study_id = EXCLUDED.study_id, "
-        "study_description = EXCLUDED.study_description, referring_physician = "
-        "EXCLUDED.referring_physician, patient_name = EXCLUDED.patient_name, patient_name_fold = "
-        "EXCLUDED.patient_name_fold, patient_id = EXCLUDED.patient_id, issuer_of_patient_id = "
-        "EXCLUDED.issuer_of_patient_id, patient_birth_date = EXCLUDED.patient_birth_date, "
-        "patient_sex = EXCLUDED.patient_sex, timezone_offset = EXCLUDED.timezone_offset, "
-        "specific_charset = EXCLUDED.specific_charset, updated_at = now() RETURNING pk",
-        15, stu, study_pk);
+        "specific_charset, attrs_from) VALUES ($1::bigint, $2, $3, $4, $5, $6, $7, $8, $9, "
+        "kp_fold($9), $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (study_uid) DO UPDATE SET "
+        NEWER("studies", "patient_pk") ", " NEWER("studies", "study_date") ", "
+        NEWER("studies", "study_time") ", " NEWER("studies", "accession_number") ", "
+        NEWER("studies", "study_id") ", " NEWER("studies", "study_description") ", "
+        NEWER("studies", "referring_physician") ", " NEWER("studies", "patient_name") ", "
+        NEWER("studies", "patient_name_fold") ", " NEWER("studies", "patient_id") ", "
+        NEWER("studies", "issuer_of_patient_id") ", " NEWER("studies", "patient_birth_date") ", "
+        NEWER("studies", "patient_sex") ", " NEWER("studies", "timezone_offset") ", "
+        NEWER("studies", "specific_charset") ", " NEWEST("studies")
+        " RETURNING pk, (SELECT patient_pk FROM old)",
+        16, stu, patient_pk, study_pk, old_patients);
     if (rc) return rc;
     char nbuf[16];
     const char *ser[] = {study_pk,
@@ -255,21 +301,24 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
                          kp_dicom_get(f, T_PPS_START_TIME),
                          kp_dicom_get_in_seq(f, T_REQUEST_ATTRS, T_SPS_ID),
                          kp_dicom_get_in_seq(f, T_REQUEST_ATTRS, T_RP_ID),
-                         kp_dicom_get(f, T_INSTITUTION)};
-    rc = s_returning_pk(
+                         kp_dicom_get(f, T_INSTITUTION),
+                         p->attrs_from};
+    rc = s_upsert_child(
         db,
+        "WITH old AS (SELECT study_pk FROM series WHERE series_uid = $2) "
         "INSERT INTO series (study_pk, series_uid, modality, series_number, series_description, "
         "series_date, series_time, body_part, station_name, pps_start_date, pps_start_time, "
-        "request_spsid, request_rpid, institution_name) VALUES ($1::bigint, $2, $3, $4::int, $5, "
-        "$6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (series_uid) DO UPDATE SET "
-        "study_pk = EXCLUDED.study_pk, modality = EXCLUDED.modality, series_number = "
-        "EXCLUDED.series_number, series_description = EXCLUDED.series_description, series_date = "
-        "EXCLUDED.series_date, series_time = EXCLUDED.series_time, body_part = "
-        "EXCLUDED.body_part, station_name = EXCLUDED.station_name, pps_start_date = "
-        "EXCLUDED.pps_start_date, pps_start_time = EXCLUDED.pps_start_time, request_spsid = "
-        "EXCLUDED.request_spsid, request_rpid = EXCLUDED.request_rpid, institution_name = "
-        "EXCLUDED.institution_name, updated_at = now() RETURNING pk",
-        14, ser, series_pk);
+        "request_spsid, request_rpid, institution_name, attrs_from) VALUES ($1::bigint, $2, $3, "
+        "$4::int, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (series_uid) DO "
+        "UPDATE SET " NEWER("series", "study_pk") ", " NEWER("series", "modality") ", "
+        NEWER("series", "series_number") ", " NEWER("series", "series_description") ", "
+        NEWER("series", "series_date") ", " NEWER("series", "series_time") ", "
+        NEWER("series", "body_part") ", " NEWER("series", "station_name") ", "
+        NEWER("series", "pps_start_date") ", " NEWER("series", "pps_start_time") ", "
+        NEWER("series", "request_spsid") ", " NEWER("series", "request_rpid") ", "
+        NEWER("series", "institution_name") ", " NEWEST("series")
+        " RETURNING pk, (SELECT study_pk FROM old)",
+        15, ser, study_pk, series_pk, old_studies);
     if (rc) return rc;
     char b1[16], b2[16], b3[16], b4[16], b5[16];
     const char *ins[] = {series_pk,
@@ -289,8 +338,9 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
                          p->pix_off[0] ? p->pix_off : NULL,
                          p->pix_len[0] ? p->pix_len : NULL,
                          kp_dicom_charset_fallback(f) ? "true" : "false",
-                         p->item->calling_ae,
-                         p->json};
+                         p->item->calling_ae ? p->item->calling_ae : kp_dicom_get(f, 0x00020016),
+                         p->json,
+                         p->received_at};
     char size[24];
     snprintf(size, sizeof size, "%lld", (long long)p->size);
     ins[12] = size;
@@ -301,9 +351,9 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
         "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
         "transfer_syntax_uid, rows, columns, bits_allocated, number_of_frames, content_date, "
         "content_time, path, file_size, file_sha256, pixel_offset, pixel_length, "
-        "charset_fallback, calling_ae, metadata) VALUES ($1::bigint, $2, $3, $4::int, $5, "
+        "charset_fallback, calling_ae, metadata, received_at) VALUES ($1::bigint, $2, $3, $4::int, $5, "
         "$6::int, $7::int, $8::int, $9::int, $10, $11, $12, $13::bigint, $14, $15::bigint, "
-        "$16::bigint, $17::boolean, $18, $19::jsonb) ON CONFLICT (sop_uid) DO UPDATE SET "
+        "$16::bigint, $17::boolean, $18, $19::jsonb, to_timestamp($20::double precision)) ON CONFLICT (sop_uid) DO UPDATE SET "
         "series_pk = EXCLUDED.series_pk, sop_class_uid = EXCLUDED.sop_class_uid, "
         "instance_number = EXCLUDED.instance_number, transfer_syntax_uid = "
         "EXCLUDED.transfer_syntax_uid, rows = EXCLUDED.rows, columns = EXCLUDED.columns, "
@@ -313,8 +363,9 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
         "pixel_offset = EXCLUDED.pixel_offset, pixel_length = EXCLUDED.pixel_length, "
         "charset_fallback = EXCLUDED.charset_fallback, calling_ae = "
         "coalesce(EXCLUDED.calling_ae, instances.calling_ae), metadata = EXCLUDED.metadata, "
+        "received_at = EXCLUDED.received_at, "
         "updated_at = now() RETURNING (SELECT series_pk FROM old)",
-        19, ins);
+        20, ins);
     if (rc) return rc;
     if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) && strcmp(PQgetvalue(r, 0, 0), series_pk))
         s_set_add(old_series, PQgetvalue(r, 0, 0)); /* the instance moved: fix its old series */
@@ -359,13 +410,17 @@ static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *
                        "UPDATE patients SET num_studies = (SELECT count(*) FROM studies WHERE "
                        "patient_pk = $1::bigint) WHERE pk = $1::bigint",
                        1, pp);
+        if (!rc)
+            rc = kp_db_run(db, "DELETE FROM patients WHERE pk = $1::bigint AND num_studies = 0",
+                           1, pp);
     }
     return rc;
 }
 
 static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
 {
-    s_set_t series = {0}, studies = {0}, patients = {0}, moved = {0};
+    s_set_t series = {0}, studies = {0}, patients = {0}, moved = {0}, moved_st = {0},
+            moved_pat = {0};
     int rc = kp_db_begin(db);
     for (size_t i = 0; !rc && i < n; i++) {
         s_parsed_t *p = &ps[i];
@@ -393,7 +448,7 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
             continue;
         }
         char patient_pk[24], study_pk[24], series_pk[24];
-        rc = s_write_one(db, p, patient_pk, study_pk, series_pk, &moved);
+        rc = s_write_one(db, p, patient_pk, study_pk, series_pk, &moved, &moved_st, &moved_pat);
         if (rc) break;
         s_set_add(&patients, patient_pk);
         s_set_add(&studies, study_pk);
@@ -419,6 +474,16 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
             PQclear(r);
         }
     }
+    for (size_t i = 0; !rc && i < moved_st.n; i++) { /* a series moved to another study */
+        const char *pp[] = {moved_st.pk[i]};
+        PGresult *r = NULL;
+        rc = kp_db_exec(db, &r, "SELECT patient_pk FROM studies WHERE pk = $1::bigint", 1, pp);
+        if (rc) break;
+        s_set_add(&studies, moved_st.pk[i]);
+        if (PQntuples(r) == 1) s_set_add(&patients, PQgetvalue(r, 0, 0));
+        PQclear(r);
+    }
+    for (size_t i = 0; i < moved_pat.n; i++) s_set_add(&patients, moved_pat.pk[i]);
     if (!rc) rc = s_aggregate(db, &series, &studies, &patients);
     if (!rc) rc = kp_db_commit(db);
     if (rc) kp_db_rollback(db);
@@ -426,6 +491,8 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
     free(studies.pk);
     free(patients.pk);
     free(moved.pk);
+    free(moved_st.pk);
+    free(moved_pat.pk);
     return rc;
 }
 

@@ -20,7 +20,7 @@ typedef struct {
     const char *rel;        /* storage-relative path (validated) */
     const char *sha256;     /* hex digest of the file, or NULL to compute it */
     int64_t size;           /* file size, or -1 to compute it */
-    const char *calling_ae; /* who sent it (may be NULL) */
+    const char *calling_ae; /* who sent it; NULL: the file's SourceApplicationEntityTitle */
     /* out: 0 indexed, KP_EDICOM unparsable (job marked failed), 1 skipped (job already done),
      * other negative codes: not written (transaction failed; retry the batch) */
     int result;

@@ -1,0 +1,137 @@
+/* kp_dicom: the one C API over DCMTK (reading DICOM files, DICOM JSON, the Storage SCP).
+ *
+ * Everything else in Klinika is C11; this header is the whole surface of lib/dicom/, whose
+ * implementation (kp_dicom.cc) is the only C++ in the tree. Handles are opaque, results are
+ * 0 or a negative KP_E* code (kp_errors.h), and no C++ exception ever crosses this boundary.
+ *
+ * Threads: call kp_dicom_init() once before starting threads. A kp_dicom_file_t is not
+ * thread-safe (use one per thread); different files may be used from different threads.
+ * kp_dicom_scp_run() runs on the calling thread and serves each association on its own thread. */
+#ifndef KP_DICOM_H
+#define KP_DICOM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Once at start-up, before threads: routes DCMTK's log into kp_log, checks that the data
+ * dictionary is loaded (a clear error if not), registers the JPEG, JPEG-LS and RLE codecs and
+ * sets TCP_NODELAY=1 in the environment (read by DCMTK for every DICOM socket).
+ * 0 or KP_EINTERNAL. Idempotent. */
+int kp_dicom_init(void);
+/* Unregisters the codecs; call after all threads using DICOM are joined. */
+void kp_dicom_shutdown(void);
+
+typedef struct kp_dicom_file kp_dicom_file_t; /* opaque */
+
+/* Opens a Part 10 file (or a raw data set) without loading large values: values over 4 KiB
+ * (PixelData among them) stay on disk and are only read if asked for. If the data set declares
+ * a Specific Character Set other than ISO_IR 192 / ISO_IR 6, its values are converted to UTF-8;
+ * when that fails (e.g. ISO 2022 IR 87) the raw values are kept, kp_dicom_charset_fallback()
+ * returns 1 and a warning is logged; the open still succeeds.
+ * Returns a new handle (caller closes it), or NULL with *err (may be NULL) set to KP_EIO
+ * (missing/unreadable file), KP_EDICOM (not DICOM, truncated, empty data set) or KP_EINVAL. */
+kp_dicom_file_t *kp_dicom_open(const char *path, int *err);
+/* Frees the handle and every string borrowed from it; idempotent, sets *f to NULL. */
+void kp_dicom_close(kp_dicom_file_t **f);
+/* 1 when the character set conversion failed and raw (not UTF-8) values were kept, else 0. */
+int kp_dicom_charset_fallback(const kp_dicom_file_t *f);
+
+/* Value of a top-level element (tag = (group << 16) | element) as text: all values joined by
+ * '\\' as DICOM encodes them, trailing spaces trimmed; numbers (US, UL, SS, SL, FL, FD, IS, DS,
+ * ...) as their text; invalid UTF-8 bytes replaced by U+FFFD. "" for an element present with
+ * an empty value. NULL when absent, and for SQ and binary VRs (OB, OD, OF, OL, OV, OW, UN),
+ * which are not text. Tags of group 0002 are read from the File Meta Information (e.g.
+ * 0x00020016, SourceApplicationEntityTitle: the AE that sent the file to us). Borrowed from f:
+ * valid until kp_dicom_close(). */
+const char *kp_dicom_get(kp_dicom_file_t *f, uint32_t tag);
+/* Same for the element item_tag in the first item of the top-level sequence seq_tag; NULL when
+ * the sequence, its first item or the element is absent. Borrowed from f. */
+const char *kp_dicom_get_in_seq(kp_dicom_file_t *f, uint32_t seq_tag, uint32_t item_tag);
+/* Transfer syntax UID of the data set as stored: (0002,0010) of the meta header, or for a file
+ * without one the syntax DCMTK detected; "" if unknown. Borrowed from f. */
+const char *kp_dicom_transfer_syntax(kp_dicom_file_t *f);
+
+/* Byte offset in the file of the VALUE of the top-level PixelData (7FE0,0010) and its length
+ * (-1 for undefined length, i.e. encapsulated: the offset is then that of the first item tag).
+ * Nothing is read into memory. Returns 0, or KP_ENOTFOUND when there is no pixel data or the
+ * data set is deflated (the value then has no offset in the file), KP_EIO on a read error.
+ * How: DCMTK records the file offset of every value it left on disk (the element's input
+ * stream factory); when the value was small enough to be loaded, the offset is found by
+ * walking the file's top-level element headers (skipping nested sequences) up to 7FE0,0010. */
+int kp_dicom_pixel_location(kp_dicom_file_t *f, int64_t *offset, int64_t *length);
+
+/* The data set (never the File Meta Information, like dcm2json without +m) as one compact DICOM
+ * JSON object (PS3.18 F), UTF-8 (invalid bytes replaced by U+FFFD). Returns a malloc'd string
+ * the caller frees, or NULL on error.
+ * Every element is written exactly as DCMTK's dcm2json writes it, except:
+ *  - PixelData (7FE0,0010, also 7FE0,0008 / 7FE0,0009) with a non-empty value, at any depth, and
+ *    every other binary value (VR OB, OD, OF, OL, OV, OW, UN) longer than bulk_threshold bytes,
+ *    is written as {"vr":..,"BulkDataURI":"<uri_prefix>/bulkdata/<tagpath>"} and never read;
+ *  - tagpath: 8 uppercase hex digits per element; for a nested element the sequence tag, the
+ *    0-based item index and the element tag joined by '/', e.g. 00540016/0/00181072;
+ *  - group lengths (gggg,0000) are left out, as dcm2json does;
+ *  - should DCMTK refuse to encode an element, its values are written as JSON strings instead
+ *    of failing the whole object (DCMTK 3.6.7 already writes invalid DS/IS values as strings).
+ * uri_prefix may be NULL (treated as ""). */
+char *kp_dicom_json(kp_dicom_file_t *f, const char *uri_prefix, size_t bulk_threshold);
+
+/* ---- Storage SCP (C-ECHO + C-STORE) ---- */
+
+typedef struct {
+    const char *calling_ae, *called_ae, *peer_host; /* peer_host: IP address, no DNS lookup */
+    const char *sop_class_uid, *sop_instance_uid;   /* from the C-STORE-RQ command set */
+    const char *transfer_syntax_uid;                /* of the accepted presentation context */
+    const char *tmp_path; /* Part 10 file (meta header + data set exactly as received, not
+                           * fsync'ed) in cfg->tmp_dir. The callback owns it: it must rename or
+                           * unlink it (and fsync it if it needs durability). */
+} kp_dicom_store_req_t;
+
+/* Called on an association thread for every C-STORE after the data set is fully in tmp_path;
+ * returns the DIMSE status to send (0x0000 success, or e.g. 0xA700/0xC000/0xA900/0x0111).
+ * Called concurrently from several threads. All strings in req are borrowed for the call. */
+typedef unsigned (*kp_dicom_store_fn)(void *user, const kp_dicom_store_req_t *req);
+
+/* Association acceptance: return 0 to accept, 1 to reject "calling AE not recognized", 2 to
+ * reject "called AE not recognized". May be NULL (accept all). Called on an association thread. */
+typedef int (*kp_dicom_assoc_fn)(void *user, const char *calling_ae, const char *called_ae,
+                                 const char *peer_host);
+
+typedef struct {
+    const char *ae_title; /* our AE title, sent back in the A-ASSOCIATE-AC */
+    int port;             /* 1..65535 */
+    int max_pdu;          /* max receive PDU length, clamped to 4096..131072 (<= 0: 16384) */
+    int max_associations; /* concurrent associations; more are rejected (transient) (<= 0: 1) */
+    int acse_timeout;     /* seconds (<= 0: 30) */
+    int dimse_timeout;    /* seconds without data before an association is aborted (<= 0: none) */
+    const char *tmp_dir;  /* where received files are written (same filesystem as storage) */
+    kp_dicom_store_fn on_store;
+    kp_dicom_assoc_fn on_assoc;
+    void *user;
+    volatile int *stop; /* run until *stop becomes non-zero */
+} kp_dicom_scp_config_t;
+
+/* Listens on all addresses (sockets FD_CLOEXEC) and serves up to max_associations associations
+ * at once, one thread each, accepting every storage SOP class DCMTK knows plus Verification, in
+ * uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, RLE, MPEG-2/4 and HEVC transfer syntaxes
+ * (uncompressed preferred when the SCU offers a choice). Data sets are received straight into
+ * a file, bit for bit, never parsed in memory. A transfer that breaks off leaves no file and
+ * no on_store call. Sets DCMTK's process-wide socket timeouts to dimse_timeout (when > 0) and
+ * turns off its reverse DNS lookups.
+ * Stop: the accept loop checks *stop every 250 ms; idle associations see it within 1 s and are
+ * closed; 1 s after the stop, connections still busy (mid-transfer) are cut (the SCU sees the
+ * connection drop; nothing is stored). Returns once every association thread is joined: 0
+ * after a clean stop, KP_EIO if the port cannot be bound, KP_EINVAL for a bad config,
+ * KP_EINTERNAL on an unexpected error. The accept loop itself reads each A-ASSOCIATE-RQ, so a
+ * peer that connects and stays silent delays the next accept (and a stop) by up to
+ * acse_timeout. */
+int kp_dicom_scp_run(const kp_dicom_scp_config_t *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
