@@ -3,7 +3,7 @@
 #   make run        install missing dependencies, build, start the whole system (scripts/run)
 #   make test       the whole suite: unit, integration (real PostgreSQL, busd, dicomd, indexer)
 #   make asan       the same suite built with ASan+UBSan (into build/asan)
-#   make fuzz       libFuzzer drivers (clang) into build/fuzz
+#   make fuzz       libFuzzer drivers (clang) into build/fuzz; make fuzz-run runs each briefly
 #   make bench      benchmarks (bench/), side by side with Orthanc
 #   make fmt        clang-format every C/C++ source
 #   make clean
@@ -45,7 +45,7 @@ BINS      := $(foreach p,$(PROGRAMS),$(BUILD)/bin/$(call prog_name,$p))
 UNIT_SRC  := $(shell find tests/unit -name 'test_*.c' 2>/dev/null | sort)
 UNIT_BINS := $(patsubst %.c,$(BUILD)/tests/%,$(notdir $(UNIT_SRC)))
 
-.PHONY: all run test asan fuzz bench fmt clean deps unit
+.PHONY: all run test asan fuzz fuzz-run bench fmt clean deps unit
 all: $(BINS) $(UNIT_BINS)
 
 $(LIBKP): $(LIB_OBJ)
@@ -91,11 +91,22 @@ asan:
 
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 fuzz:
-	$(MAKE) BUILD=build/fuzz CC=clang CXX=clang++ SANITIZER=fuzzer-no-link,address,undefined OPT=-O1 $(BUILD:build=build/fuzz)/libkp.a
+	$(MAKE) BUILD=build/fuzz CC=clang CXX=clang++ SANITIZER=fuzzer-no-link,address,undefined OPT=-O1 build/fuzz/libkp.a
 	@mkdir -p build/fuzz/bin
-	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); \
-	  echo "clang $$n"; clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCLUDES) $(PKG_CFLAGS) \
-	    $$f build/fuzz/libkp.a -o build/fuzz/bin/$$n -lstdc++ -pthread $(LDLIBS) || exit 1; done
+	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); echo "fuzzer $$n"; \
+	  clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCLUDES) $(PKG_CFLAGS) \
+	    -c $$f -o build/fuzz/$$n.o && \
+	  clang++ -fsanitize=fuzzer,address,undefined build/fuzz/$$n.o build/fuzz/libkp.a \
+	    -o build/fuzz/bin/$$n -pthread $(LDLIBS) || exit 1; done
+
+# A bounded fuzzing session per driver over a scratch copy of its seed corpus (CI runs it).
+FUZZ_SECONDS ?= 30
+fuzz-run: fuzz
+	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); c=$${n#fuzz_}; d=$$(mktemp -d); \
+	  echo "fuzzing $$n for $(FUZZ_SECONDS)s"; \
+	  build/fuzz/bin/$$n -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -print_final_stats=0 \
+	    $$d tests/fuzz/corpus/$$c >$$d.log 2>&1 || { tail -50 $$d.log; exit 1; }; \
+	  grep -E '^Done [0-9]+ runs' $$d.log; rm -rf $$d $$d.log; done
 
 bench: all
 	@bench/run
