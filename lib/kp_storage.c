@@ -251,6 +251,37 @@ int kp_storage_sha256_file(const char *path, char hex[65], int64_t *size)
     return 0;
 }
 
+int kp_storage_same_content(const char *a, const char *b)
+{
+    int rc = KP_EIO;
+    int fa = open(a, O_RDONLY | O_CLOEXEC), fb = open(b, O_RDONLY | O_CLOEXEC);
+    static __thread unsigned char ba[1 << 16], bb[1 << 16];
+    if (fa < 0 || fb < 0) goto done;
+    for (;;) {
+        ssize_t ra = read(fa, ba, sizeof ba);
+        if (ra < 0) goto done;
+        size_t got = 0;
+        while (got < (size_t)ra) { /* read the same amount from b */
+            ssize_t rb = read(fb, bb + got, (size_t)ra - got);
+            if (rb < 0) goto done;
+            if (rb == 0) break;
+            got += (size_t)rb;
+        }
+        if (got != (size_t)ra || memcmp(ba, bb, got)) {
+            rc = 0;
+            goto done;
+        }
+        if (ra == 0) {
+            rc = 1;
+            goto done;
+        }
+    }
+done:
+    if (fa >= 0) close(fa);
+    if (fb >= 0) close(fb);
+    return rc;
+}
+
 static bool s_is_hex2(const char *n)
 {
     return strlen(n) == 2 && strspn(n, "0123456789abcdef") == 2;

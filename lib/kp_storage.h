@@ -49,6 +49,8 @@ int kp_storage_write(kp_storage_t *st, const char *rel, const void *buf, size_t 
 int kp_storage_tmpfile(kp_storage_t *st, char **path);
 /* SHA-256 (lower-case hex) and size of a file. 0 or KP_EIO. */
 int kp_storage_sha256_file(const char *path, char hex[65], int64_t *size);
+/* 1 when the two files have the same bytes, 0 when they differ, KP_EIO when one is unreadable. */
+int kp_storage_same_content(const char *a, const char *b);
 /* Calls fn(user, rel) for every stored file under root (in directory order), stopping when fn
  * returns non-zero (that value is returned). Temp files are skipped. */
 int kp_storage_walk(kp_storage_t *st, int (*fn)(void *user, const char *rel), void *user);

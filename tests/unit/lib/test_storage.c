@@ -149,6 +149,32 @@ static void test_commit_walk_clean(void **state)
     kp_storage_destroy(&st);
 }
 
+static void test_same_content(void **state)
+{
+    (void)state;
+    char a[128], b[128], c[128];
+    snprintf(a, sizeof a, "%s/a", s_root);
+    snprintf(b, sizeof b, "%s/b", s_root);
+    snprintf(c, sizeof c, "%s/c", s_root);
+    FILE *f = fopen(a, "w");
+    for (int i = 0; i < 100000; i++) fputc(i & 0xff, f);
+    fclose(f);
+    f = fopen(b, "w");
+    for (int i = 0; i < 100000; i++) fputc(i & 0xff, f);
+    fclose(f);
+    f = fopen(c, "w");
+    for (int i = 0; i < 100000; i++) fputc(i == 99999 ? 7 : i & 0xff, f);
+    fclose(f);
+    assert_int_equal(kp_storage_same_content(a, b), 1);
+    assert_int_equal(kp_storage_same_content(a, c), 0);
+    f = fopen(c, "w");
+    fputs("short", f);
+    fclose(f);
+    assert_int_equal(kp_storage_same_content(a, c), 0);
+    assert_int_equal(kp_storage_same_content(c, a), 0);
+    assert_int_equal(kp_storage_same_content(a, "/nonexistent"), KP_EIO);
+}
+
 static void test_unwritable_root(void **state)
 {
     (void)state;
@@ -169,6 +195,7 @@ int main(void)
         cmocka_unit_test(test_relpath_valid_rejects),
         cmocka_unit_test(test_write_and_read_back),
         cmocka_unit_test(test_commit_walk_clean),
+        cmocka_unit_test(test_same_content),
         cmocka_unit_test(test_unwritable_root),
     };
     return cmocka_run_group_tests(tests, s_setup, s_teardown);
