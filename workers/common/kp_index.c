@@ -417,11 +417,12 @@ static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *
     return rc;
 }
 
-static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
+static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n, kp_index_tick_fn tick, void *tick_user)
 {
     s_set_t series = {0}, studies = {0}, patients = {0}, moved = {0}, moved_st = {0},
             moved_pat = {0};
     int rc = kp_db_begin(db);
+    if (!rc) rc = kp_db_run(db, "SET LOCAL synchronous_commit = off", 0, NULL);
     for (size_t i = 0; !rc && i < n; i++) {
         s_parsed_t *p = &ps[i];
         int claim = s_claim_job(db, p->item->job_id);
@@ -450,6 +451,7 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
         char patient_pk[24], study_pk[24], series_pk[24];
         rc = s_write_one(db, p, patient_pk, study_pk, series_pk, &moved, &moved_st, &moved_pat);
         if (rc) break;
+        if (tick) tick(tick_user);
         s_set_add(&patients, patient_pk);
         s_set_add(&studies, study_pk);
         s_set_add(&series, series_pk);
@@ -496,7 +498,8 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n)
     return rc;
 }
 
-int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n)
+int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n,
+                   kp_index_tick_fn tick, void *tick_user)
 {
     if (!n) return 0;
     s_parsed_t *ps = calloc(n, sizeof *ps);
@@ -510,11 +513,12 @@ int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t
             kp_dicom_close(&ps[i].f);
             kp_warn("index", "cannot index %s: %s", items[i].rel, kp_strerror(rc));
         }
+        if (tick) tick(tick_user);
     }
     qsort(ps, n, sizeof *ps, s_cmp);
     int rc = 0;
     for (int attempt = 0; attempt < 5; attempt++) {
-        rc = s_write(db, ps, n);
+        rc = s_write(db, ps, n, tick, tick_user);
         if (rc != KP_EAGAIN) break;
         for (size_t i = 0; i < n; i++)
             if (items[i].result == 0 || items[i].result == 1) items[i].result = 0;

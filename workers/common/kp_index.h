@@ -27,10 +27,19 @@ typedef struct {
     char study_uid[68]; /* out: the study the instance belongs to (when result is 0) */
 } kp_index_item_t;
 
+/* Called between items of a batch (e.g. to send bus heartbeats during a long batch). */
+typedef void (*kp_index_tick_fn)(void *user);
+
 /* Indexes n items in one transaction (retrying on deadlock/serialization failure a few times).
  * Returns 0 when the transaction committed (see each item's result), or a negative code when
- * nothing was written (database down: the jobs stay pending and come back via the sweep). */
-int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n);
+ * nothing was written (database down: the jobs stay pending and come back via the sweep).
+ * tick (may be NULL) is called with tick_user after each parsed and each written item.
+ * The transaction's commit does not wait for the WAL flush (synchronous_commit off): should the
+ * database lose it in a crash, it loses the jobs' "done" mark with it and the outbox sweep
+ * redoes the work, so nothing acknowledged depends on it. */
+int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n,
+                   kp_index_tick_fn tick, void *tick_user);
+
 
 /* Bulk-data threshold: binary values longer than this go into the metadata as BulkDataURI. */
 #define KP_INDEX_BULK_THRESHOLD 1024

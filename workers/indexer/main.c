@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static volatile sig_atomic_t s_stop;
@@ -35,6 +36,18 @@ static const char *s_str(json_t *o, const char *key)
 {
     json_t *v = json_object_get(o, key);
     return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static void s_tick(void *user)
+{
+    kp_bus_heartbeat(user);
+}
+
+static long s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
 }
 
 static void s_publish_changes(kp_bus_t *bus, kp_index_item_t *items, size_t n)
@@ -102,7 +115,14 @@ int main(int argc, char **argv)
             continue;
         }
         n = 1;
-        while (n < cap && kp_bus_next_job(bus, &msgs[n], 0) == 0) n++;
+        /* Collect what is waiting, and for a moment what is about to arrive, so that a burst is
+         * written in a few large transactions rather than many small ones. */
+        long until = s_now_ms() + cfg->indexer_batch_wait_ms;
+        while (n < cap) {
+            long left = until - s_now_ms();
+            if (kp_bus_next_job(bus, &msgs[n], left > 0 ? (int)left : 0)) break;
+            n++;
+        }
 
         size_t m = 0; /* valid items; malformed jobs are answered at once */
         for (size_t i = 0; i < n; i++) {
@@ -124,7 +144,7 @@ int main(int argc, char **argv)
             };
             m++;
         }
-        int br = kp_index_batch(db, st, items, m);
+        int br = kp_index_batch(db, st, items, m, s_tick, bus);
         if (br) {
             kp_error("index", "batch of %zu not written (%s); jobs stay pending", m,
                      kp_strerror(br));
