@@ -62,6 +62,7 @@ typedef struct {
     char pix_off[24], pix_len[24];
     char attrs_from[128]; /* "<mtime ns>|<SOP UID>": newest received instance wins */
     char received_at[40]; /* the file's mtime as an SQL timestamp */
+    char patient_pk[24], study_pk[24], series_pk[24]; /* rows it belongs to, once written */
 } s_parsed_t;
 
 static const char *s_or_empty(const char *s) { return s ? s : ""; }
@@ -194,24 +195,6 @@ static int s_returning_pk(kp_db_t *db, const char *sql, int n, const char *const
     return 0;
 }
 
-/* Marks a job done inside the transaction. Returns 1 when it was already finished (skip). */
-static int s_claim_job(kp_db_t *db, int64_t id)
-{
-    if (!id) return 0;
-    char buf[24];
-    snprintf(buf, sizeof buf, "%lld", (long long)id);
-    const char *params[] = {buf};
-    PGresult *r = NULL;
-    int rc = kp_db_exec(db, &r,
-                        "UPDATE jobs SET state = 'done', updated_at = now(), last_error = NULL "
-                        "WHERE id = $1::bigint AND state = 'pending' RETURNING id",
-                        1, params);
-    if (rc) return rc;
-    int n = PQntuples(r);
-    PQclear(r);
-    return n == 1 ? 0 : 1;
-}
-
 /* Touched rows whose aggregates are recomputed at the end of the transaction. */
 struct s_set {
     char (*pk)[24];
@@ -236,22 +219,24 @@ static void s_set_add(s_set_t *s, const char *pk)
     c " = CASE WHEN EXCLUDED.attrs_from >= " t ".attrs_from THEN EXCLUDED." c " ELSE " t "." c " END"
 #define NEWEST(t) "attrs_from = greatest(EXCLUDED.attrs_from, " t ".attrs_from), updated_at = now()"
 
-static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char study_pk[24],
-                       char series_pk[24], s_set_t *old_series, s_set_t *old_studies,
-                       s_set_t *old_patients)
+static int s_upsert_patient(kp_db_t *db, s_parsed_t *p, char patient_pk[24])
 {
     kp_dicom_file_t *f = p->f;
-    int rc;
     const char *pat[] = {p->patient_id, p->issuer, kp_dicom_get(f, T_PATIENT_NAME),
                          kp_dicom_get(f, T_BIRTH_DATE), kp_dicom_get(f, T_SEX), p->attrs_from};
-    rc = s_returning_pk(db,
+    return s_returning_pk(db,
                         "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, "
                         "attrs_from) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (patient_id, "
                         "issuer) DO UPDATE SET " NEWER("patients", "patient_name") ", "
                         NEWER("patients", "birth_date") ", " NEWER("patients", "sex") ", "
                         NEWEST("patients") " RETURNING pk",
                         6, pat, patient_pk);
-    if (rc) return rc;
+}
+
+static int s_upsert_study(kp_db_t *db, s_parsed_t *p, const char *patient_pk, char study_pk[24],
+                          s_set_t *old_patients)
+{
+    kp_dicom_file_t *f = p->f;
     const char *stu[] = {patient_pk,
                          p->study_uid,
                          kp_dicom_get(f, T_STUDY_DATE),
@@ -268,7 +253,7 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
                          kp_dicom_get(f, T_TZ_OFFSET),
                          kp_dicom_get(f, T_SPECIFIC_CHARSET),
                          p->attrs_from};
-    rc = s_upsert_child(
+    return s_upsert_child(
         db,
         "WITH old AS (SELECT patient_pk FROM studies WHERE study_uid = $2) "
         "INSERT INTO studies (patient_pk, study_uid, study_date, study_time, accession_number, "
@@ -286,7 +271,12 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
         NEWER("studies", "specific_charset") ", " NEWEST("studies")
         " RETURNING pk, (SELECT patient_pk FROM old)",
         16, stu, patient_pk, study_pk, old_patients);
-    if (rc) return rc;
+}
+
+static int s_upsert_series(kp_db_t *db, s_parsed_t *p, const char *study_pk, char series_pk[24],
+                           s_set_t *old_studies)
+{
+    kp_dicom_file_t *f = p->f;
     char nbuf[16];
     const char *ser[] = {study_pk,
                          p->series_uid,
@@ -303,7 +293,7 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
                          kp_dicom_get_in_seq(f, T_REQUEST_ATTRS, T_RP_ID),
                          kp_dicom_get(f, T_INSTITUTION),
                          p->attrs_from};
-    rc = s_upsert_child(
+    return s_upsert_child(
         db,
         "WITH old AS (SELECT study_pk FROM series WHERE series_uid = $2) "
         "INSERT INTO series (study_pk, series_uid, modality, series_number, series_description, "
@@ -319,7 +309,12 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
         NEWER("series", "institution_name") ", " NEWEST("series")
         " RETURNING pk, (SELECT study_pk FROM old)",
         15, ser, study_pk, series_pk, old_studies);
-    if (rc) return rc;
+}
+
+static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk,
+                             s_set_t *old_series)
+{
+    kp_dicom_file_t *f = p->f;
     char b1[16], b2[16], b3[16], b4[16], b5[16];
     const char *ins[] = {series_pk,
                          p->sop_uid,
@@ -345,7 +340,7 @@ static int s_write_one(kp_db_t *db, s_parsed_t *p, char patient_pk[24], char stu
     snprintf(size, sizeof size, "%lld", (long long)p->size);
     ins[12] = size;
     PGresult *r = NULL;
-    rc = kp_db_exec(
+    int rc = kp_db_exec(
         db, &r,
         "WITH old AS (SELECT series_pk FROM instances WHERE sop_uid = $2) "
         "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
@@ -417,23 +412,131 @@ static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *
     return rc;
 }
 
+/* Marks the batch's jobs done in one statement. An item whose job is already finished (delivered
+ * again) gets result 1 and is skipped; the row lock taken here also makes a concurrent second
+ * delivery of the same job wait for this transaction and then find it done. */
+static int s_claim_jobs(kp_db_t *db, s_parsed_t *ps, size_t n)
+{
+    size_t cap = 2 + n * 21, len = 0;
+    char *ids = malloc(cap);
+    if (!ids) abort();
+    ids[len++] = '{';
+    for (size_t i = 0; i < n; i++)
+        if (ps[i].item->job_id > 0)
+            len += (size_t)snprintf(ids + len, cap - len, "%s%lld", len > 1 ? "," : "",
+                                    (long long)ps[i].item->job_id);
+    ids[len++] = '}';
+    ids[len] = 0;
+    int rc = 0;
+    PGresult *r = NULL;
+    if (len > 2) {
+        const char *params[] = {ids};
+        rc = kp_db_exec(db, &r,
+                        "UPDATE jobs SET state = 'done', updated_at = now(), last_error = NULL "
+                        "WHERE id = ANY($1::bigint[]) AND state = 'pending' RETURNING id",
+                        1, params);
+    }
+    free(ids);
+    if (rc) return rc;
+    for (size_t i = 0; i < n; i++) {
+        int64_t id = ps[i].item->job_id;
+        if (id <= 0) continue;
+        bool claimed = false;
+        for (int j = 0; r && j < PQntuples(r) && !claimed; j++)
+            claimed = atoll(PQgetvalue(r, j, 0)) == id;
+        for (size_t k = 0; k < i && claimed; k++) /* the same job twice in one batch */
+            if (ps[k].item->job_id == id) claimed = false;
+        if (!claimed) ps[i].item->result = 1;
+    }
+    PQclear(r);
+    return 0;
+}
+
+/* Orders of the batch for each level: rows are locked in key order at every level, so any
+ * number of indexers lock in the same global order and never deadlock on each other. */
+static int s_by_study(const void *a, const void *b)
+{
+    const s_parsed_t *x = *(s_parsed_t *const *)a, *y = *(s_parsed_t *const *)b;
+    return strcmp(x->study_uid, y->study_uid);
+}
+
+static int s_by_series(const void *a, const void *b)
+{
+    const s_parsed_t *x = *(s_parsed_t *const *)a, *y = *(s_parsed_t *const *)b;
+    return strcmp(x->series_uid, y->series_uid);
+}
+
+static int s_by_sop(const void *a, const void *b)
+{
+    const s_parsed_t *x = *(s_parsed_t *const *)a, *y = *(s_parsed_t *const *)b;
+    return strcmp(x->sop_uid, y->sop_uid);
+}
+
+/* Same entity at a level (patient key, study UID, series UID). */
+static bool s_same(int level, const s_parsed_t *x, const s_parsed_t *y)
+{
+    switch (level) {
+    case 0:
+        return !strcmp(x->patient_id, y->patient_id) && !strcmp(x->issuer, y->issuer);
+    case 1:
+        return !strcmp(x->study_uid, y->study_uid);
+    default:
+        return !strcmp(x->series_uid, y->series_uid);
+    }
+}
+
+/* Writes each distinct patient, study and series of the batch ONCE, with the attributes of its
+ * most recently received instance in the batch (the database keeps the newer of that and what
+ * it has), then every instance. v holds the valid items, sorted per level in turn. */
+static int s_write_entities(kp_db_t *db, s_parsed_t **v, size_t m, s_set_t *moved_pat,
+                            s_set_t *moved_st, s_set_t *moved_ser, kp_index_tick_fn tick,
+                            void *tick_user)
+{
+    int rc = 0;
+    for (int level = 0; level < 3 && !rc; level++) {
+        if (level == 1) qsort(v, m, sizeof *v, s_by_study);
+        if (level == 2) qsort(v, m, sizeof *v, s_by_series);
+        for (size_t a = 0; a < m && !rc;) {
+            size_t b = a + 1, newest = a;
+            for (; b < m && s_same(level, v[a], v[b]); b++)
+                if (strcmp(v[b]->attrs_from, v[newest]->attrs_from) > 0) newest = b;
+            s_parsed_t *p = v[newest];
+            char pk[24];
+            if (level == 0)
+                rc = s_upsert_patient(db, p, pk);
+            else if (level == 1)
+                rc = s_upsert_study(db, p, p->patient_pk, pk, moved_pat);
+            else
+                rc = s_upsert_series(db, p, p->study_pk, pk, moved_st);
+            for (size_t i = a; i < b && !rc; i++)
+                snprintf(level == 0 ? v[i]->patient_pk
+                         : level == 1 ? v[i]->study_pk
+                                      : v[i]->series_pk,
+                         24, "%s", pk);
+            a = b;
+        }
+    }
+    if (!rc) qsort(v, m, sizeof *v, s_by_sop);
+    for (size_t i = 0; i < m && !rc; i++) {
+        rc = s_upsert_instance(db, v[i], v[i]->series_pk, moved_ser);
+        if (tick) tick(tick_user);
+    }
+    return rc;
+}
+
 static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n, kp_index_tick_fn tick, void *tick_user)
 {
     s_set_t series = {0}, studies = {0}, patients = {0}, moved = {0}, moved_st = {0},
             moved_pat = {0};
+    s_parsed_t **v = calloc(n, sizeof *v);
+    if (!v) abort();
+    size_t m = 0;
     int rc = kp_db_begin(db);
     if (!rc) rc = kp_db_run(db, "SET LOCAL synchronous_commit = off", 0, NULL);
+    if (!rc) rc = s_claim_jobs(db, ps, n);
     for (size_t i = 0; !rc && i < n; i++) {
         s_parsed_t *p = &ps[i];
-        int claim = s_claim_job(db, p->item->job_id);
-        if (claim < 0) {
-            rc = claim;
-            break;
-        }
-        if (claim == 1) {
-            p->item->result = 1;
-            continue;
-        }
+        if (p->item->result == 1) continue;
         if (!p->f || p->item->result < 0) {
             int why = p->item->result < 0 ? p->item->result : KP_EDICOM;
             /* claimed as done above; record the failure instead */
@@ -448,16 +551,17 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n, kp_index_tick_fn tick,
             p->item->result = why;
             continue;
         }
-        char patient_pk[24], study_pk[24], series_pk[24];
-        rc = s_write_one(db, p, patient_pk, study_pk, series_pk, &moved, &moved_st, &moved_pat);
-        if (rc) break;
-        if (tick) tick(tick_user);
-        s_set_add(&patients, patient_pk);
-        s_set_add(&studies, study_pk);
-        s_set_add(&series, series_pk);
-        p->item->result = 0;
-        snprintf(p->item->study_uid, sizeof p->item->study_uid, "%s", p->study_uid);
+        v[m++] = p; /* ps is sorted by patient key: the order level 0 needs */
     }
+    if (!rc) rc = s_write_entities(db, v, m, &moved_pat, &moved_st, &moved, tick, tick_user);
+    for (size_t i = 0; !rc && i < m; i++) {
+        s_set_add(&patients, v[i]->patient_pk);
+        s_set_add(&studies, v[i]->study_pk);
+        s_set_add(&series, v[i]->series_pk);
+        v[i]->item->result = 0;
+        snprintf(v[i]->item->study_uid, sizeof v[i]->item->study_uid, "%s", v[i]->study_uid);
+    }
+    free(v);
     if (!rc && moved.n) {
         /* Old series of moved instances: find their studies and patients too. */
         for (size_t i = 0; !rc && i < moved.n; i++) {
