@@ -350,7 +350,7 @@ int main(int argc, char **argv)
     int err = 0;
     s_d.db = kp_db_connect(s_d.cfg->db_conninfo, (int)s_d.cfg->db_connect_timeout, true, &err);
     if (!s_d.db) goto done;
-    s_d.bus = kp_bus_new(s_d.cfg, "pacs-dicomd");
+    s_d.bus = kp_bus_new(s_d.cfg, "dicomd");
     if (!s_d.bus) goto done;
     if (pthread_create(&committer, NULL, s_committer, NULL)) goto done;
     committer_started = true;

@@ -103,7 +103,11 @@ class System:
         self.logs = {}
         self.n_indexers = indexers
         if start:
-            self.start_all()
+            try:
+                self.start_all()
+            except BaseException:
+                self.stop()
+                raise
 
     # -- processes -------------------------------------------------------------------------
     def start(self, name, binary=None):

@@ -123,15 +123,16 @@ static int s_stats(const kp_config_t *cfg)
         return 1;
     }
     double bytes = atof(PQgetvalue(r, 0, 4));
-    printf("patients   %s\nstudies    %s\nseries     %s\ninstances  %s\nstored     %.1f MiB\n",
+    printf("patients   %s\nstudies    %s\nseries     %s\ninstances  %s\nstored     %.2f MiB\n",
            PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 3),
            bytes / 1048576.0);
     PQclear(r);
     s_print_query(db, "\njobs (outbox)            state      count      oldest pending (s)",
                   "SELECT type, state, count(*), coalesce(extract(epoch FROM now() - min("
-                  "created_at)) FILTER (WHERE state = 'pending'), 0)::int FROM jobs GROUP BY "
+                  "created_at) FILTER (WHERE state = 'pending')), 0)::int FROM jobs GROUP BY "
                   "type, state ORDER BY type, state");
     kp_db_destroy(&db);
+    fflush(stdout);
 
     kp_bus_t *bus = kp_bus_new(cfg, "pacsctl");
     json_t *js = NULL;

@@ -95,10 +95,7 @@ int main(int argc, char **argv)
     int err = 0;
     db = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, true, &err);
     if (!db) goto done;
-    char name[128], host[64] = "localhost";
-    gethostname(host, sizeof host - 1);
-    snprintf(name, sizeof name, "%s:%d:indexer", host, (int)getpid());
-    bus = kp_bus_new(cfg, name);
+    bus = kp_bus_new(cfg, "indexer"); /* shown by the broker as host:pid:indexer */
     if (!bus) goto done;
     const char *types[] = {"index"};
     if (kp_bus_worker_ready(bus, types, 1, (int)cfg->indexer_credit)) goto done;
