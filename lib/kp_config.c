@@ -72,7 +72,8 @@ static int s_apply(kp_config_t *cfg, const struct s_desc *d, const char *value, 
         char *end;
         errno = 0;
         long v = strtol(value, &end, 10);
-        while (end && isspace((unsigned char)*end)) end++;
+        while (end && isspace((unsigned char)*end))
+            end++;
         if (errno || end == value || *end) {
             snprintf(err, errlen, "%s.%s: '%s' is not a whole number", d->section, d->name, value);
             return KP_ECONFIG;
@@ -232,7 +233,8 @@ int kp_config_load(kp_config_t *cfg, const char *path, char *err, size_t errlen)
     for (size_t i = 0; i < S_COUNT; i++) {
         char env[128];
         int n = snprintf(env, sizeof env, "KP_%s_%s", s_table[i].section, s_table[i].name);
-        for (int j = 0; j < n; j++) env[j] = (char)toupper((unsigned char)env[j]);
+        for (int j = 0; j < n; j++)
+            env[j] = (char)toupper((unsigned char)env[j]);
         const char *v = getenv(env);
         if (!v) continue;
         char sub[256];

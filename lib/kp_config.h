@@ -16,7 +16,8 @@
 #define KP_CONF_T_STR  char *
 
 typedef struct kp_config {
-#define KP_CONF(sec, name, type, def, min, max, choices, reload, help) KP_CONF_T_##type sec##_##name;
+#define KP_CONF(sec, name, type, def, min, max, choices, reload, help)                             \
+    KP_CONF_T_##type sec##_##name;
 #include "kp_config.def"
 #undef KP_CONF
     char *path; /* file it was loaded from, or NULL */

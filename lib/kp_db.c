@@ -70,8 +70,7 @@ kp_db_t *kp_db_connect(const char *conninfo, int timeout_s, bool check_schema, i
         int v = kp_db_schema_version(db);
         if (v < 0) goto error;
         if (v != KP_SCHEMA_VERSION) {
-            kp_error("db",
-                     "database schema is at version %d, this build needs %d (hint: %s)", v,
+            kp_error("db", "database schema is at version %d, this build needs %d (hint: %s)", v,
                      KP_SCHEMA_VERSION,
                      v < KP_SCHEMA_VERSION ? "run `pacsctl migrate`"
                                            : "the database was migrated by newer software");
@@ -97,7 +96,10 @@ void kp_db_destroy(kp_db_t **dbp)
     *dbp = NULL;
 }
 
-PGconn *kp_db_conn(kp_db_t *db) { return db->conn; }
+PGconn *kp_db_conn(kp_db_t *db)
+{
+    return db->conn;
+}
 
 int kp_db_ensure(kp_db_t *db)
 {
@@ -117,8 +119,7 @@ int kp_db_ensure(kp_db_t *db)
     return 0;
 }
 
-int kp_db_exec(kp_db_t *db, PGresult **res, const char *sql, int nparams,
-               const char *const *params)
+int kp_db_exec(kp_db_t *db, PGresult **res, const char *sql, int nparams, const char *const *params)
 {
     if (res) *res = NULL;
     if (kp_db_ensure(db)) return KP_EDB;
@@ -145,8 +146,14 @@ int kp_db_exec(kp_db_t *db, PGresult **res, const char *sql, int nparams,
     return rc;
 }
 
-int kp_db_begin(kp_db_t *db) { return kp_db_run(db, "BEGIN", 0, NULL); }
-int kp_db_commit(kp_db_t *db) { return kp_db_run(db, "COMMIT", 0, NULL); }
+int kp_db_begin(kp_db_t *db)
+{
+    return kp_db_run(db, "BEGIN", 0, NULL);
+}
+int kp_db_commit(kp_db_t *db)
+{
+    return kp_db_run(db, "COMMIT", 0, NULL);
+}
 
 void kp_db_rollback(kp_db_t *db)
 {
@@ -284,7 +291,8 @@ int kp_db_migrate(kp_db_t *db, const char *dir)
         applied++;
     }
 done:
-    for (size_t i = 0; i < n; i++) free(names[i]);
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
     free(names);
     return rc ? rc : applied;
 }

@@ -27,7 +27,19 @@ static const struct s_err *s_find(int code)
     return &s_table[0];
 }
 
-const char *kp_strerror(int code) { return s_find(code)->msg; }
-const char *kp_error_slug(int code) { return s_find(code)->slug; }
-int kp_error_http(int code) { return s_find(code)->http; }
-unsigned kp_error_dimse(int code) { return s_find(code)->dimse; }
+const char *kp_strerror(int code)
+{
+    return s_find(code)->msg;
+}
+const char *kp_error_slug(int code)
+{
+    return s_find(code)->slug;
+}
+int kp_error_http(int code)
+{
+    return s_find(code)->http;
+}
+unsigned kp_error_dimse(int code)
+{
+    return s_find(code)->dimse;
+}

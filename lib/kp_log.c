@@ -41,10 +41,10 @@ void kp_log_vwrite(kp_log_level_t level, const char *category, const char *ctx, 
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
     if (level < KP_LOG_DEBUG || level > KP_LOG_ERROR) level = KP_LOG_ERROR;
-    int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ %s[%d] %s %s: ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, (int)(tv.tv_usec / 1000), s_process, (int)getpid(),
-                     s_names[level], category ? category : "-");
+    int n = snprintf(
+        line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ %s[%d] %s %s: ", tm.tm_year + 1900,
+        tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(tv.tv_usec / 1000),
+        s_process, (int)getpid(), s_names[level], category ? category : "-");
     if (n < 0) return;
     size_t len = (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
     int m = vsnprintf(line + len, sizeof line - len, fmt, ap);

@@ -10,7 +10,13 @@
 
 #include <stdarg.h>
 
-typedef enum { KP_LOG_DEBUG = 0, KP_LOG_INFO, KP_LOG_WARN, KP_LOG_ERROR, KP_LOG_OFF } kp_log_level_t;
+typedef enum {
+    KP_LOG_DEBUG = 0,
+    KP_LOG_INFO,
+    KP_LOG_WARN,
+    KP_LOG_ERROR,
+    KP_LOG_OFF
+} kp_log_level_t;
 
 /* The current threshold; lines below it are skipped. */
 extern kp_log_level_t kp_log_threshold;
@@ -20,14 +26,14 @@ void kp_log_init(const char *process);
 /* Sets the threshold by name ("debug", "info", "warn", "error", "off"); -1 for an unknown name. */
 int kp_log_set_level(const char *name);
 /* Writes one line; use the macros below rather than calling this directly. ctx may be NULL. */
-void kp_log_write(kp_log_level_t level, const char *category, const char *ctx, const char *fmt,
-                  ...) __attribute__((format(printf, 4, 5)));
+void kp_log_write(kp_log_level_t level, const char *category, const char *ctx, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 void kp_log_vwrite(kp_log_level_t level, const char *category, const char *ctx, const char *fmt,
                    va_list ap);
 
 #define kp_logc(level, cat, ctx, ...)                                                              \
     do {                                                                                           \
-        if ((level) >= kp_log_threshold) kp_log_write((level), (cat), (ctx), __VA_ARGS__);        \
+        if ((level) >= kp_log_threshold) kp_log_write((level), (cat), (ctx), __VA_ARGS__);         \
     } while (0)
 
 #define kp_debug(cat, ...) kp_logc(KP_LOG_DEBUG, cat, NULL, __VA_ARGS__)

@@ -60,7 +60,8 @@ kp_storage_t *kp_storage_new(const char *root, bool fsync_on)
     }
     if (!abs) abort();
     size_t l = strlen(abs);
-    while (l > 1 && abs[l - 1] == '/') abs[--l] = 0;
+    while (l > 1 && abs[l - 1] == '/')
+        abs[--l] = 0;
     st->root = abs;
     if (asprintf(&st->tmpdir, "%s/.tmp", abs) < 0) abort();
     st->fsync_on = fsync_on;
@@ -101,15 +102,22 @@ void kp_storage_destroy(kp_storage_t **stp)
     *stp = NULL;
 }
 
-const char *kp_storage_root(const kp_storage_t *st) { return st->root; }
-const char *kp_storage_tmpdir(const kp_storage_t *st) { return st->tmpdir; }
+const char *kp_storage_root(const kp_storage_t *st)
+{
+    return st->root;
+}
+const char *kp_storage_tmpdir(const kp_storage_t *st)
+{
+    return st->tmpdir;
+}
 
 void kp_storage_relpath(const char *sop_uid, char out[KP_STORAGE_RELPATH_MAX])
 {
     unsigned char md[SHA256_DIGEST_LENGTH];
     SHA256((const unsigned char *)sop_uid, strlen(sop_uid), md);
     char hex[65];
-    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
     snprintf(out, KP_STORAGE_RELPATH_MAX, "%.2s/%.2s/%s.dcm", hex, hex + 2, hex);
 }
 
@@ -260,7 +268,8 @@ int kp_storage_sha256_file(const char *path, char hex[65], int64_t *size)
     EVP_DigestFinal_ex(ctx, md, &mdlen);
     EVP_MD_CTX_free(ctx);
     if (rc) return rc;
-    for (unsigned i = 0; i < mdlen && i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    for (unsigned i = 0; i < mdlen && i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
     hex[64] = 0;
     if (size) *size = total;
     return 0;

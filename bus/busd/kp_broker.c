@@ -23,9 +23,10 @@
 #include <time.h>
 #include <zmq.h>
 
-#define S_MAX_QUEUES 1024   /* distinct job types */
-#define S_MAX_JOBS   500000 /* queued + in flight; beyond, SUBMITs are dropped (outbox keeps them) \
-                             */
+#define S_MAX_QUEUES 1024 /* distinct job types */
+#define S_MAX_JOBS                                                                                 \
+    500000 /* queued + in flight; beyond, SUBMITs are dropped (outbox keeps them)                  \
+            */
 #define S_MAX_WORKERS 4096
 #define S_IDENT_MAX   255
 #define S_CMD_MAX     16

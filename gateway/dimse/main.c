@@ -79,11 +79,14 @@ static bool s_in_list(const char *list, const char *ae)
     const char *p = list;
     size_t al = strlen(ae);
     while (*p) {
-        while (*p == ' ' || *p == ',') p++;
+        while (*p == ' ' || *p == ',')
+            p++;
         const char *e = p;
-        while (*e && *e != ',') e++;
+        while (*e && *e != ',')
+            e++;
         const char *t = e;
-        while (t > p && t[-1] == ' ') t--;
+        while (t > p && t[-1] == ' ')
+            t--;
         if ((size_t)(t - p) == al && strncmp(p, ae, al) == 0) return true;
         p = e;
     }
@@ -124,7 +127,8 @@ static int s_wait_committed(s_pending_t *p)
         s_d.head = p;
     s_d.tail = p;
     pthread_cond_signal(&s_d.work);
-    while (!p->done) pthread_cond_wait(&s_d.ready, &s_d.mu);
+    while (!p->done)
+        pthread_cond_wait(&s_d.ready, &s_d.mu);
     pthread_mutex_unlock(&s_d.mu);
     return p->rc;
 }
@@ -156,8 +160,8 @@ static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
     const char *study = kp_dicom_get(df, 0x0020000D), *series = kp_dicom_get(df, 0x0020000E);
     const char *ds_sop = kp_dicom_get(df, 0x00080018);
     int bad = !study || !*study || !series || !*series ? KP_EDICOM
-              : !ds_sop || strcmp(ds_sop, sop)        ? KP_EMISMATCH
-                                                      : 0;
+              : !ds_sop || strcmp(ds_sop, sop)         ? KP_EMISMATCH
+                                                       : 0;
     kp_dicom_close(&df);
     if (bad) {
         kp_warn("store", "%s from %s: refused: %s", sop, req->calling_ae,
@@ -177,8 +181,8 @@ static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
      * second copy of a stored instance is compared, byte for byte. */
     char *dst = kp_storage_abspath(s_d.st, p.rel);
     bool exists = stat(dst, &sb) == 0;
-    bool identical = exists && (int64_t)sb.st_size == p.size &&
-                     kp_storage_same_content(dst, req->tmp_path) == 1;
+    bool identical =
+        exists && (int64_t)sb.st_size == p.size && kp_storage_same_content(dst, req->tmp_path) == 1;
     free(dst);
     if (identical) {
         /* Same content again: nothing to write, but still make sure it is indexed. */
@@ -240,9 +244,9 @@ static int s_commit_group(s_pending_t **items, size_t n)
 {
     json_t *arr = json_array();
     for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr, json_pack("{s:s, s:s, s:I, s:s}", "path", items[i]->rel,
-                                             "sop", items[i]->sop, "size",
-                                             (json_int_t)items[i]->size, "ae", items[i]->ae));
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:I, s:s}", "path", items[i]->rel, "sop",
+                                             items[i]->sop, "size", (json_int_t)items[i]->size,
+                                             "ae", items[i]->ae));
     char *payloads = json_dumps(arr, JSON_COMPACT);
     json_decref(arr);
     char lease[16];
@@ -250,11 +254,12 @@ static int s_commit_group(s_pending_t **items, size_t n)
     const char *params[] = {payloads, lease};
     int rc = kp_db_ensure(s_d.db);
     PGconn *conn = kp_db_conn(s_d.db);
-    if (!rc && !PQsendQueryParams(conn,
-                                  "INSERT INTO jobs (type, payload, lease_until) SELECT 'index', p, "
-                                  "now() + make_interval(secs => $2::int) FROM "
-                                  "jsonb_array_elements($1::jsonb) AS p RETURNING id, payload::text",
-                                  2, NULL, params, NULL, NULL, 0)) {
+    if (!rc &&
+        !PQsendQueryParams(conn,
+                           "INSERT INTO jobs (type, payload, lease_until) SELECT 'index', p, "
+                           "now() + make_interval(secs => $2::int) FROM "
+                           "jsonb_array_elements($1::jsonb) AS p RETURNING id, payload::text",
+                           2, NULL, params, NULL, NULL, 0)) {
         kp_error("db", "cannot send the outbox insert: %s", PQerrorMessage(conn));
         rc = KP_EDB;
     }
@@ -262,7 +267,8 @@ static int s_commit_group(s_pending_t **items, size_t n)
     int dir_rc = 0;
     for (size_t i = 0; i < n && !dir_rc; i++) { /* one fsync per distinct directory */
         bool seen = false;
-        for (size_t j = 0; j < i && !seen; j++) seen = !strncmp(items[i]->rel, items[j]->rel, 5);
+        for (size_t j = 0; j < i && !seen; j++)
+            seen = !strncmp(items[i]->rel, items[j]->rel, 5);
         if (!seen) dir_rc = kp_storage_sync_dir(s_d.st, items[i]->rel);
     }
     if (rc) return rc;
@@ -295,7 +301,8 @@ static void *s_committer(void *arg)
     if (!group) abort();
     for (;;) {
         pthread_mutex_lock(&s_d.mu);
-        while (!s_d.head && !s_d.stopping) pthread_cond_wait(&s_d.work, &s_d.mu);
+        while (!s_d.head && !s_d.stopping)
+            pthread_cond_wait(&s_d.work, &s_d.mu);
         if (!s_d.head && s_d.stopping) {
             pthread_mutex_unlock(&s_d.mu);
             break;

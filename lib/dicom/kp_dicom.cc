@@ -166,8 +166,10 @@ extern "C" void kp_dicom_shutdown(void)
 /* Helpers                                                                                      */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Appends s to out with every invalid UTF-8 sequence replaced by U+FFFD (RFC 3629: no
- * overlong forms, no surrogates, nothing above U+10FFFF). */
+/* Appends s to out as valid UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above
+ * U+10FFFF): a byte that does not start a valid sequence is taken as ISO 8859-1 (the most
+ * common undeclared character set in the field), so no byte is lost; the stored file keeps the
+ * original bytes in any case. */
 static void s_utf8_sanitize_append(std::string &out, const char *s, size_t n)
 {
     const unsigned char *p = reinterpret_cast<const unsigned char *>(s);
@@ -203,7 +205,8 @@ static void s_utf8_sanitize_append(std::string &out, const char *s, size_t n)
             out.append(s + i, len);
             i += len;
         } else {
-            out.append("\xEF\xBF\xBD");
+            out.push_back(static_cast<char>(0xC0 | (c >> 6)));
+            out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
             i += 1;
         }
     }

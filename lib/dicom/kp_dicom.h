@@ -42,8 +42,8 @@ int kp_dicom_charset_fallback(const kp_dicom_file_t *f);
 
 /* Value of a top-level element (tag = (group << 16) | element) as text: all values joined by
  * '\\' as DICOM encodes them, trailing spaces trimmed; numbers (US, UL, SS, SL, FL, FD, IS, DS,
- * ...) as their text; invalid UTF-8 bytes replaced by U+FFFD. "" for an element present with
- * an empty value. NULL when absent, and for SQ and binary VRs (OB, OD, OF, OL, OV, OW, UN),
+ * ...) as their text; a byte that is not valid UTF-8 read as ISO 8859-1. "" for an element present
+ * with an empty value. NULL when absent, and for SQ and binary VRs (OB, OD, OF, OL, OV, OW, UN),
  * which are not text. Tags of group 0002 are read from the File Meta Information (e.g.
  * 0x00020016, SourceApplicationEntityTitle: the AE that sent the file to us). Borrowed from f:
  * valid until kp_dicom_close(). */
@@ -65,9 +65,9 @@ const char *kp_dicom_transfer_syntax(kp_dicom_file_t *f);
 int kp_dicom_pixel_location(kp_dicom_file_t *f, int64_t *offset, int64_t *length);
 
 /* The data set (never the File Meta Information, like dcm2json without +m) as one compact DICOM
- * JSON object (PS3.18 F), UTF-8 (invalid bytes replaced by U+FFFD). Returns a malloc'd string
- * the caller frees, or NULL on error.
- * Every element is written exactly as DCMTK's dcm2json writes it, except:
+ * JSON object (PS3.18 F), UTF-8 (a byte that is not valid UTF-8 read as ISO 8859-1). Returns a
+ * malloc'd string the caller frees, or NULL on error. Every element is written exactly as DCMTK's
+ * dcm2json writes it, except:
  *  - PixelData (7FE0,0010, also 7FE0,0008 / 7FE0,0009) with a non-empty value, at any depth, and
  *    every other binary value (VR OB, OD, OF, OL, OV, OW, UN) longer than bulk_threshold bytes,
  *    is written as {"vr":..,"BulkDataURI":"<uri_prefix>/bulkdata/<tagpath>"} and never read;

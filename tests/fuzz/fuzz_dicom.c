@@ -4,7 +4,8 @@
  * our own walk of the element headers to locate the pixel data, and DICOM JSON. Any input must
  * end in a handle or an error code, never a crash or a leak.
  * Seeds: tests/fuzz/corpus/dicom/ (small real files). Run:
- *   mkdir -p /tmp/dcm-corpus && build/fuzz/bin/fuzz_dicom /tmp/dcm-corpus tests/fuzz/corpus/dicom */
+ *   mkdir -p /tmp/dcm-corpus && build/fuzz/bin/fuzz_dicom /tmp/dcm-corpus tests/fuzz/corpus/dicom
+ */
 #include "kp_dicom.h"
 #include "kp_errors.h"
 

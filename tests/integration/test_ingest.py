@@ -254,3 +254,28 @@ def test_reindex_reproduces_the_same_rows(system, sent):
              for a, b in zip(before, after) if a != b]
     assert not diffs, diffs[:3]
     system.start("pacs-indexer#0", "pacs-indexer")
+
+
+def test_undeclared_latin1_name_is_kept(system, tmp_path):
+    """A name in Latin-1 without a SpecificCharacterSet (common in the field) is indexed as the
+    same characters in UTF-8, not dropped or replaced."""
+    import pydicom
+    src = os.path.join(kp.PYDICOM_DATA, "test_files", "CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    if "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1411.99.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.1411.99.3"
+    ds.PatientName = "x"
+    out = str(tmp_path / "latin1.dcm")
+    ds.save_as(out)
+    raw = open(out, "rb").read()
+    patched = raw.replace(b"PN\x02\x00x ", b"PN\x02\x00\xe9 ")  # the value 'x ' -> 0xE9
+    assert patched != raw
+    open(out, "wb").write(patched)
+    rc, res, text = system.storescu([out])
+    assert res[out] == "ok", text
+    system.wait_jobs_settled(30)
+    name = system.sql("SELECT patient_name FROM studies WHERE study_uid = %s", (ds.StudyInstanceUID,))[0][0]
+    assert name == "\u00e9"

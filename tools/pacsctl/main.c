@@ -101,7 +101,8 @@ static void s_print_query(kp_db_t *db, const char *title, const char *sql)
     int nf = PQnfields(r);
     for (int i = 0; i < PQntuples(r); i++) {
         printf(" ");
-        for (int j = 0; j < nf; j++) printf(" %-*s", j == 0 ? 22 : 10, PQgetvalue(r, i, j));
+        for (int j = 0; j < nf; j++)
+            printf(" %-*s", j == 0 ? 22 : 10, PQgetvalue(r, i, j));
         printf("\n");
     }
     if (PQntuples(r) == 0) printf("  (none)\n");
@@ -149,7 +150,8 @@ static int s_stats(const kp_config_t *cfg)
             nq++;
         }
         if (!nq) printf("  (none)\n");
-        printf("workers                                  types      credit   in flight  seen (ms ago)\n");
+        printf("workers                                  types      credit   in flight  seen (ms "
+               "ago)\n");
         size_t i;
         json_t *w;
         json_array_foreach(json_object_get(js, "workers"), i, w)
@@ -242,9 +244,8 @@ static int s_reindex(const kp_config_t *cfg, int argc, char **argv)
     ri.db = s_db(cfg, true);
     ri.st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
     if (!ri.db || !ri.st) goto done;
-    if (wipe && kp_db_run(ri.db,
-                          "TRUNCATE instances, series, studies, patients RESTART IDENTITY", 0,
-                          NULL))
+    if (wipe &&
+        kp_db_run(ri.db, "TRUNCATE instances, series, studies, patients RESTART IDENTITY", 0, NULL))
         goto done;
     kp_storage_walk(ri.st, s_count_file, &ri);
     int wr = kp_storage_walk(ri.st, s_reindex_file, &ri);
@@ -293,8 +294,10 @@ static int s_jobs(const kp_config_t *cfg, int argc, char **argv)
     } else {
         const char *state = NULL, *limit = "50";
         for (int i = 0; i < argc; i++) {
-            if (!strcmp(argv[i], "--state") && i + 1 < argc) state = argv[++i];
-            else if (!strcmp(argv[i], "--limit") && i + 1 < argc) limit = argv[++i];
+            if (!strcmp(argv[i], "--state") && i + 1 < argc)
+                state = argv[++i];
+            else if (!strcmp(argv[i], "--limit") && i + 1 < argc)
+                limit = argv[++i];
         }
         const char *p[] = {state, limit};
         PGresult *r = NULL;

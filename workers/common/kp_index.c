@@ -65,25 +65,33 @@ typedef struct {
     char patient_pk[24], study_pk[24], series_pk[24]; /* rows it belongs to, once written */
 } s_parsed_t;
 
-static const char *s_or_empty(const char *s) { return s ? s : ""; }
+static const char *s_or_empty(const char *s)
+{
+    return s ? s : "";
+}
 
 /* Text of a valid integer for an integer column, or NULL (bad values never fail the instance). */
 static const char *s_int(kp_dicom_file_t *f, uint32_t tag, char buf[16])
 {
     const char *v = kp_dicom_get(f, tag);
     if (!v) return NULL;
-    while (*v == ' ') v++;
+    while (*v == ' ')
+        v++;
     char *end;
     errno = 0;
     long n = strtol(v, &end, 10);
-    while (*end == ' ') end++;
+    while (*end == ' ')
+        end++;
     if (errno || end == v || (*end && *end != '\\') || n < -2147483647L || n > 2147483647L)
         return NULL;
     snprintf(buf, 16, "%ld", n);
     return buf;
 }
 
-static const char *s_nonempty(const char *v) { return v && *v ? v : NULL; }
+static const char *s_nonempty(const char *v)
+{
+    return v && *v ? v : NULL;
+}
 
 static int s_parse(kp_storage_t *st, s_parsed_t *p)
 {
@@ -216,21 +224,27 @@ static void s_set_add(s_set_t *s, const char *pk)
 /* "col = the newer of the two": conflicting attributes resolve to the most recently received
  * instance's (see attrs_from in schema/0001_initial.sql). */
 #define NEWER(t, c)                                                                                \
-    c " = CASE WHEN EXCLUDED.attrs_from >= " t ".attrs_from THEN EXCLUDED." c " ELSE " t "." c " END"
+    c " = CASE WHEN EXCLUDED.attrs_from >= " t ".attrs_from THEN EXCLUDED." c " ELSE " t "." c     \
+      " END"
 #define NEWEST(t) "attrs_from = greatest(EXCLUDED.attrs_from, " t ".attrs_from), updated_at = now()"
 
 static int s_upsert_patient(kp_db_t *db, s_parsed_t *p, char patient_pk[24])
 {
     kp_dicom_file_t *f = p->f;
-    const char *pat[] = {p->patient_id, p->issuer, kp_dicom_get(f, T_PATIENT_NAME),
-                         kp_dicom_get(f, T_BIRTH_DATE), kp_dicom_get(f, T_SEX), p->attrs_from};
-    return s_returning_pk(db,
-                        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, "
-                        "attrs_from) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (patient_id, "
-                        "issuer) DO UPDATE SET " NEWER("patients", "patient_name") ", "
-                        NEWER("patients", "birth_date") ", " NEWER("patients", "sex") ", "
-                        NEWEST("patients") " RETURNING pk",
-                        6, pat, patient_pk);
+    const char *pat[] = {p->patient_id,
+                         p->issuer,
+                         kp_dicom_get(f, T_PATIENT_NAME),
+                         kp_dicom_get(f, T_BIRTH_DATE),
+                         kp_dicom_get(f, T_SEX),
+                         p->attrs_from};
+    return s_returning_pk(
+        db,
+        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex, "
+        "attrs_from) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (patient_id, "
+        "issuer) DO UPDATE SET " NEWER("patients", "patient_name") ", " NEWER(
+            "patients", "birth_date") ", " NEWER("patients",
+                                                 "sex") ", " NEWEST("patients") " RETURNING pk",
+        6, pat, patient_pk);
 }
 
 static int s_upsert_study(kp_db_t *db, s_parsed_t *p, const char *patient_pk, char study_pk[24],
@@ -260,16 +274,15 @@ static int s_upsert_study(kp_db_t *db, s_parsed_t *p, const char *patient_pk, ch
         "study_id, study_description, referring_physician, patient_name, patient_name_fold, "
         "patient_id, issuer_of_patient_id, patient_birth_date, patient_sex, timezone_offset, "
         "specific_charset, attrs_from) VALUES ($1::bigint, $2, $3, $4, $5, $6, $7, $8, $9, "
-        "kp_fold($9), $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (study_uid) DO UPDATE SET "
-        NEWER("studies", "patient_pk") ", " NEWER("studies", "study_date") ", "
-        NEWER("studies", "study_time") ", " NEWER("studies", "accession_number") ", "
-        NEWER("studies", "study_id") ", " NEWER("studies", "study_description") ", "
-        NEWER("studies", "referring_physician") ", " NEWER("studies", "patient_name") ", "
-        NEWER("studies", "patient_name_fold") ", " NEWER("studies", "patient_id") ", "
-        NEWER("studies", "issuer_of_patient_id") ", " NEWER("studies", "patient_birth_date") ", "
-        NEWER("studies", "patient_sex") ", " NEWER("studies", "timezone_offset") ", "
-        NEWER("studies", "specific_charset") ", " NEWEST("studies")
-        " RETURNING pk, (SELECT patient_pk FROM old)",
+        "kp_fold($9), $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (study_uid) DO UPDATE "
+        "SET " NEWER(
+            "studies", "patient_pk") ", " NEWER("studies", "study_date") ", " NEWER("studies",
+                                                                                    "study_time") ", " NEWER("studies", "accession_number") ", " NEWER("studies", "study_id") ", " NEWER("studies", "study_description") ", " NEWER("studies", "referring_physician") ", " NEWER("studies", "patient_name") ", " NEWER("studies",
+                                                                                                                                                                                                                                                                                                                       "patient_name_fold") ", " NEWER("studies",
+                                                                                                                                                                                                                                                                                                                                                       "patient_id") ", " NEWER("studies",
+                                                                                                                                                                                                                                                                                                                                                                                "issuer_of_patient_id") ", " NEWER("studies", "patient_birth_date") ", " NEWER("studies",
+                                                                                                                                                                                                                                                                                                                                                                                                                                                               "patient_sex") ", " NEWER("studies", "timezone_offset") ", " NEWER("studies",
+                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                  "specific_charset") ", " NEWEST("studies") " RETURNING pk, (SELECT patient_pk FROM old)",
         16, stu, patient_pk, study_pk, old_patients);
 }
 
@@ -293,26 +306,24 @@ static int s_upsert_series(kp_db_t *db, s_parsed_t *p, const char *study_pk, cha
                          kp_dicom_get_in_seq(f, T_REQUEST_ATTRS, T_RP_ID),
                          kp_dicom_get(f, T_INSTITUTION),
                          p->attrs_from};
-    return s_upsert_child(
-        db,
-        "WITH old AS (SELECT study_pk FROM series WHERE series_uid = $2) "
-        "INSERT INTO series (study_pk, series_uid, modality, series_number, series_description, "
-        "series_date, series_time, body_part, station_name, pps_start_date, pps_start_time, "
-        "request_spsid, request_rpid, institution_name, attrs_from) VALUES ($1::bigint, $2, $3, "
-        "$4::int, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (series_uid) DO "
-        "UPDATE SET " NEWER("series", "study_pk") ", " NEWER("series", "modality") ", "
-        NEWER("series", "series_number") ", " NEWER("series", "series_description") ", "
-        NEWER("series", "series_date") ", " NEWER("series", "series_time") ", "
-        NEWER("series", "body_part") ", " NEWER("series", "station_name") ", "
-        NEWER("series", "pps_start_date") ", " NEWER("series", "pps_start_time") ", "
-        NEWER("series", "request_spsid") ", " NEWER("series", "request_rpid") ", "
-        NEWER("series", "institution_name") ", " NEWEST("series")
-        " RETURNING pk, (SELECT study_pk FROM old)",
-        15, ser, study_pk, series_pk, old_studies);
+    return s_upsert_child(db,
+                          "WITH old AS (SELECT study_pk FROM series WHERE series_uid = $2) "
+                          "INSERT INTO series (study_pk, series_uid, modality, series_number, "
+                          "series_description, "
+                          "series_date, series_time, body_part, station_name, pps_start_date, "
+                          "pps_start_time, "
+                          "request_spsid, request_rpid, institution_name, attrs_from) VALUES "
+                          "($1::bigint, $2, $3, "
+                          "$4::int, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT "
+                          "(series_uid) DO "
+                          "UPDATE SET " NEWER("series", "study_pk") ", " NEWER("series", "modality") ", " NEWER("series",
+                                                                                                                "series_number") ", " NEWER("series", "series_description") ", " NEWER("series", "series_date") ", " NEWER("series", "series_time") ", " NEWER("series", "body_part") ", " NEWER("series", "station_name") ", " NEWER("series", "pps_start_date") ", " NEWER("series", "pps_start_time") ", " NEWER("series",
+                                                                                                                                                                                                                                                                                                                                                                                                                    "request_spsid") ", " NEWER("series",
+                                                                                                                                                                                                                                                                                                                                                                                                                                                "request_rpid") ", " NEWER("series", "institution_name") ", " NEWEST("series") " RETURNING pk, (SELECT study_pk FROM old)",
+                          15, ser, study_pk, series_pk, old_studies);
 }
 
-static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk,
-                             s_set_t *old_series)
+static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk, s_set_t *old_series)
 {
     kp_dicom_file_t *f = p->f;
     char b1[16], b2[16], b3[16], b4[16], b5[16];
@@ -346,9 +357,11 @@ static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk,
         "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
         "transfer_syntax_uid, rows, columns, bits_allocated, number_of_frames, content_date, "
         "content_time, path, file_size, file_sha256, pixel_offset, pixel_length, "
-        "charset_fallback, calling_ae, metadata, received_at) VALUES ($1::bigint, $2, $3, $4::int, $5, "
+        "charset_fallback, calling_ae, metadata, received_at) VALUES ($1::bigint, $2, $3, $4::int, "
+        "$5, "
         "$6::int, $7::int, $8::int, $9::int, $10, $11, $12, $13::bigint, $14, $15::bigint, "
-        "$16::bigint, $17::boolean, $18, $19::jsonb, to_timestamp($20::double precision)) ON CONFLICT (sop_uid) DO UPDATE SET "
+        "$16::bigint, $17::boolean, $18, $19::jsonb, to_timestamp($20::double precision)) ON "
+        "CONFLICT (sop_uid) DO UPDATE SET "
         "series_pk = EXCLUDED.series_pk, sop_class_uid = EXCLUDED.sop_class_uid, "
         "instance_number = EXCLUDED.instance_number, transfer_syntax_uid = "
         "EXCLUDED.transfer_syntax_uid, rows = EXCLUDED.rows, columns = EXCLUDED.columns, "
@@ -378,8 +391,7 @@ static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *
                        "series_pk = $1::bigint) WHERE pk = $1::bigint",
                        1, pp);
         if (!rc)
-            rc = kp_db_run(db,
-                           "DELETE FROM series WHERE pk = $1::bigint AND num_instances = 0", 1,
+            rc = kp_db_run(db, "DELETE FROM series WHERE pk = $1::bigint AND num_instances = 0", 1,
                            pp);
     }
     for (size_t i = 0; !rc && i < studies->n; i++) {
@@ -406,8 +418,8 @@ static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *
                        "patient_pk = $1::bigint) WHERE pk = $1::bigint",
                        1, pp);
         if (!rc)
-            rc = kp_db_run(db, "DELETE FROM patients WHERE pk = $1::bigint AND num_studies = 0",
-                           1, pp);
+            rc = kp_db_run(db, "DELETE FROM patients WHERE pk = $1::bigint AND num_studies = 0", 1,
+                           pp);
     }
     return rc;
 }
@@ -509,7 +521,7 @@ static int s_write_entities(kp_db_t *db, s_parsed_t **v, size_t m, s_set_t *move
             else
                 rc = s_upsert_series(db, p, p->study_pk, pk, moved_st);
             for (size_t i = a; i < b && !rc; i++)
-                snprintf(level == 0 ? v[i]->patient_pk
+                snprintf(level == 0   ? v[i]->patient_pk
                          : level == 1 ? v[i]->study_pk
                                       : v[i]->series_pk,
                          24, "%s", pk);
@@ -589,7 +601,8 @@ static int s_write(kp_db_t *db, s_parsed_t *ps, size_t n, kp_index_tick_fn tick,
         if (PQntuples(r) == 1) s_set_add(&patients, PQgetvalue(r, 0, 0));
         PQclear(r);
     }
-    for (size_t i = 0; i < moved_pat.n; i++) s_set_add(&patients, moved_pat.pk[i]);
+    for (size_t i = 0; i < moved_pat.n; i++)
+        s_set_add(&patients, moved_pat.pk[i]);
     if (!rc) rc = s_aggregate(db, &series, &studies, &patients);
     if (!rc) rc = kp_db_commit(db);
     if (rc) kp_db_rollback(db);

@@ -40,7 +40,6 @@ typedef void (*kp_index_tick_fn)(void *user);
 int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n,
                    kp_index_tick_fn tick, void *tick_user);
 
-
 /* Bulk-data threshold: binary values longer than this go into the metadata as BulkDataURI. */
 #define KP_INDEX_BULK_THRESHOLD 1024
 

@@ -154,14 +154,16 @@ int main(int argc, char **argv)
                     indexed++;
                     kp_logc(KP_LOG_DEBUG, "index", idb, "indexed %s", items[i].rel);
                 } else if (items[i].result < 0) {
-                    kp_logc(KP_LOG_WARN, "index", idb, "%s could not be indexed: %s",
-                            items[i].rel, kp_strerror(items[i].result));
+                    kp_logc(KP_LOG_WARN, "index", idb, "%s could not be indexed: %s", items[i].rel,
+                            kp_strerror(items[i].result));
                 }
             }
             s_publish_changes(bus, items, m);
         }
-        for (size_t i = 0; i < m; i++) kp_bus_job_done(bus, items[i].job_id, br == 0);
-        for (size_t i = 0; i < n; i++) kp_msg_clear(&msgs[i]);
+        for (size_t i = 0; i < m; i++)
+            kp_bus_job_done(bus, items[i].job_id, br == 0);
+        for (size_t i = 0; i < n; i++)
+            kp_msg_clear(&msgs[i]);
     }
     kp_info("main", "stopping after %ld instances indexed", indexed);
     rc = 0;

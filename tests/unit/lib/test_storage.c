@@ -41,7 +41,8 @@ static void test_relpath(void **state)
     assert_int_equal(strlen(a), 74);
     assert_true(kp_storage_relpath_valid(a));
     /* echo -n 1.2.3.4 | sha256sum */
-    assert_string_equal(a, "66/94/6694f83c9f476da31f5df6bcc520034e7e57d421d247b9d34f49edbfc84a764c.dcm");
+    assert_string_equal(
+        a, "66/94/6694f83c9f476da31f5df6bcc520034e7e57d421d247b9d34f49edbfc84a764c.dcm");
     kp_storage_relpath("1.2.3.5", b);
     assert_string_not_equal(a, b);
     /* user-supplied text with traversal never yields anything but the hash shape */
@@ -157,13 +158,16 @@ static void test_same_content(void **state)
     snprintf(b, sizeof b, "%s/b", s_root);
     snprintf(c, sizeof c, "%s/c", s_root);
     FILE *f = fopen(a, "w");
-    for (int i = 0; i < 100000; i++) fputc(i & 0xff, f);
+    for (int i = 0; i < 100000; i++)
+        fputc(i & 0xff, f);
     fclose(f);
     f = fopen(b, "w");
-    for (int i = 0; i < 100000; i++) fputc(i & 0xff, f);
+    for (int i = 0; i < 100000; i++)
+        fputc(i & 0xff, f);
     fclose(f);
     f = fopen(c, "w");
-    for (int i = 0; i < 100000; i++) fputc(i == 99999 ? 7 : i & 0xff, f);
+    for (int i = 0; i < 100000; i++)
+        fputc(i == 99999 ? 7 : i & 0xff, f);
     fclose(f);
     assert_int_equal(kp_storage_same_content(a, b), 1);
     assert_int_equal(kp_storage_same_content(a, c), 0);
