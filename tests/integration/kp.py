@@ -4,6 +4,7 @@ Everything runs for real on loopback: scripts/pgcluster starts PostgreSQL in a t
 pacs-busd / pacs-dicomd / pacs-indexer are the binaries the Makefile built (BUILD=build or
 build/asan), and DICOM traffic comes from DCMTK's own storescu/echoscu.
 """
+import codecs
 import os
 import re
 import shutil
@@ -265,15 +266,21 @@ def parse_storescu(output):
     return result
 
 
+codecs.register_error("kp_latin1", lambda e: (e.object[e.start:e.end].decode("latin-1"), e.end))
+
+
 def dcmdump_values(path, tags):
-    """Values dcmdump shows for the given top-level tags, as UTF-8 (converted with +U8)."""
+    """Values dcmdump shows for the given top-level tags, as UTF-8 (converted with +U8).
+
+    When dcmdump cannot convert (a character set iconv lacks, e.g. ISO 2022 IR 87), the raw
+    values are read the way the archive keeps them: valid UTF-8 as is, any other byte as
+    ISO 8859-1."""
     r = subprocess.run(["dcmdump", "+U8", "-q", "+L", path], capture_output=True, timeout=60)
     if r.returncode != 0:
-        # e.g. a character set iconv cannot convert (ISO 2022 IR 87): the raw values then
         raw = subprocess.run(["dcmdump", "-q", "+L", path], capture_output=True, timeout=60)
         if raw.returncode == 0:
             r = raw
-    out = r.stdout.decode("utf-8", errors="replace")
+    out = r.stdout.decode("utf-8", errors="kp_latin1")
     vals = {}
     for line in out.splitlines():
         if not line.startswith("("):
