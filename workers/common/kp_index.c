@@ -381,45 +381,51 @@ static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk, 
     return 0;
 }
 
+/* A set as a PostgreSQL array literal ("{1,2,3}"), malloc'd. */
+static char *s_set_array(const s_set_t *set)
+{
+    size_t cap = 3 + set->n * 25, len = 0;
+    char *a = malloc(cap);
+    if (!a) abort();
+    a[len++] = '{';
+    for (size_t i = 0; i < set->n; i++)
+        len += (size_t)snprintf(a + len, cap - len, "%s%s", i ? "," : "", set->pk[i]);
+    a[len++] = '}';
+    a[len] = 0;
+    return a;
+}
+
+/* Recomputes the aggregates of every touched series, study and patient (each statement sees
+ * every committed instance: the rows were locked by this transaction's upserts), and removes
+ * rows left empty by instances that moved. */
 static int s_aggregate(kp_db_t *db, s_set_t *series, s_set_t *studies, s_set_t *patients)
 {
+    static const char *const sql[] = {
+        "UPDATE series se SET num_instances = (SELECT count(*) FROM instances WHERE series_pk = "
+        "se.pk) WHERE se.pk = ANY($1::bigint[])",
+        "DELETE FROM series WHERE pk = ANY($1::bigint[]) AND num_instances = 0",
+        "UPDATE studies s SET num_series = coalesce(a.ns, 0), num_instances = coalesce(a.ni, 0), "
+        "modalities = coalesce(a.mods, '{}'), sop_classes = coalesce(c.classes, '{}') FROM "
+        "unnest($1::bigint[]) AS t(pk) LEFT JOIN (SELECT study_pk, count(*) AS ns, "
+        "sum(num_instances) AS ni, array_agg(DISTINCT modality ORDER BY modality) FILTER (WHERE "
+        "modality <> '') AS mods FROM series WHERE study_pk = ANY($1::bigint[]) GROUP BY "
+        "study_pk) a ON a.study_pk = t.pk LEFT JOIN (SELECT se.study_pk, array_agg(DISTINCT "
+        "i.sop_class_uid ORDER BY i.sop_class_uid) AS classes FROM instances i JOIN series se ON "
+        "se.pk = i.series_pk WHERE se.study_pk = ANY($1::bigint[]) AND i.sop_class_uid IS NOT "
+        "NULL GROUP BY se.study_pk) c ON c.study_pk = t.pk WHERE s.pk = t.pk",
+        "DELETE FROM studies WHERE pk = ANY($1::bigint[]) AND num_series = 0",
+        "UPDATE patients p SET num_studies = (SELECT count(*) FROM studies WHERE patient_pk = "
+        "p.pk) WHERE p.pk = ANY($1::bigint[])",
+        "DELETE FROM patients WHERE pk = ANY($1::bigint[]) AND num_studies = 0",
+    };
+    const s_set_t *sets[] = {series, series, studies, studies, patients, patients};
     int rc = 0;
-    for (size_t i = 0; !rc && i < series->n; i++) {
-        const char *pp[] = {series->pk[i]};
-        rc = kp_db_run(db,
-                       "UPDATE series SET num_instances = (SELECT count(*) FROM instances WHERE "
-                       "series_pk = $1::bigint) WHERE pk = $1::bigint",
-                       1, pp);
-        if (!rc)
-            rc = kp_db_run(db, "DELETE FROM series WHERE pk = $1::bigint AND num_instances = 0", 1,
-                           pp);
-    }
-    for (size_t i = 0; !rc && i < studies->n; i++) {
-        const char *pp[] = {studies->pk[i]};
-        rc = kp_db_run(
-            db,
-            "UPDATE studies s SET num_series = a.ns, num_instances = a.ni, modalities = a.mods, "
-            "sop_classes = a.classes FROM (SELECT count(*) AS ns, coalesce(sum(num_instances), 0) "
-            "AS ni, coalesce(array_agg(DISTINCT modality ORDER BY modality) FILTER (WHERE "
-            "modality IS NOT NULL AND modality <> ''), '{}') AS mods, coalesce((SELECT "
-            "array_agg(DISTINCT i.sop_class_uid ORDER BY i.sop_class_uid) FROM instances i JOIN "
-            "series se ON se.pk = i.series_pk WHERE se.study_pk = $1::bigint AND i.sop_class_uid "
-            "IS NOT NULL), '{}') AS classes FROM series WHERE study_pk = $1::bigint) a WHERE s.pk "
-            "= $1::bigint",
-            1, pp);
-        if (!rc)
-            rc = kp_db_run(db, "DELETE FROM studies WHERE pk = $1::bigint AND num_series = 0", 1,
-                           pp);
-    }
-    for (size_t i = 0; !rc && i < patients->n; i++) {
-        const char *pp[] = {patients->pk[i]};
-        rc = kp_db_run(db,
-                       "UPDATE patients SET num_studies = (SELECT count(*) FROM studies WHERE "
-                       "patient_pk = $1::bigint) WHERE pk = $1::bigint",
-                       1, pp);
-        if (!rc)
-            rc = kp_db_run(db, "DELETE FROM patients WHERE pk = $1::bigint AND num_studies = 0", 1,
-                           pp);
+    for (size_t i = 0; !rc && i < sizeof sql / sizeof sql[0]; i++) {
+        if (!sets[i]->n) continue;
+        char *arr = s_set_array(sets[i]);
+        const char *pp[] = {arr};
+        rc = kp_db_run(db, sql[i], 1, pp);
+        free(arr);
     }
     return rc;
 }
