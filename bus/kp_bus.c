@@ -11,6 +11,8 @@
  * jobs of the old identity once it stops hearing from it. */
 #include "kp_bus.h"
 
+#include "kp_curve.h"
+
 #include "kp_errors.h"
 #include "kp_log.h"
 
@@ -26,6 +28,7 @@
 #define S_CMD_MAX 16    /* longest command frame we accept */
 
 struct kp_bus {
+    kp_curve_t curve; /* transport security (off for plain ipc://) */
     void *ctx;
     void *jobs; /* DEALER to bus.jobs_endpoint */
     void *pub;  /* PUB to bus.events_in */
@@ -41,6 +44,7 @@ struct kp_bus {
 };
 
 struct kp_bus_sub {
+    kp_curve_t curve;
     void *ctx;
     void *sock; /* SUB to bus.events_out */
 };
@@ -69,15 +73,7 @@ static int s_common_opts(void *sock)
     return 0;
 }
 
-/* Transport security hook: CurveZMQ client keys (ZMQ_CURVE_SERVERKEY / PUBLICKEY / SECRETKEY)
- * go here once the bus.curve_* settings exist. Plain transport until then. */
-static int s_secure_client(void *sock)
-{
-    (void)sock;
-    return 0;
-}
-
-static void *s_socket(void *ctx, int type, const char *endpoint)
+static void *s_socket(void *ctx, int type, const char *endpoint, const kp_curve_t *curve)
 {
     void *sock = zmq_socket(ctx, type);
     if (!sock) {
@@ -85,7 +81,7 @@ static void *s_socket(void *ctx, int type, const char *endpoint)
         return NULL;
     }
     if (s_common_opts(sock) || (type == ZMQ_DEALER && s_setint(sock, ZMQ_IMMEDIATE, 1)) ||
-        s_secure_client(sock)) {
+        kp_curve_apply_client(sock, curve)) {
         kp_error("bus", "cannot set socket options: %s", zmq_strerror(zmq_errno()));
         goto error;
     }
@@ -171,7 +167,7 @@ static int s_recv(void *sock, char cmd[S_CMD_MAX + 1], zmq_msg_t *body)
 
 static int s_open_jobs(kp_bus_t *bus)
 {
-    bus->jobs = s_socket(bus->ctx, ZMQ_DEALER, bus->jobs_endpoint);
+    bus->jobs = s_socket(bus->ctx, ZMQ_DEALER, bus->jobs_endpoint, &bus->curve);
     return bus->jobs ? 0 : KP_EBUS;
 }
 
@@ -188,9 +184,10 @@ kp_bus_t *kp_bus_new(const kp_config_t *cfg, const char *kind)
     bus->liveness = (int)cfg->bus_heartbeat_liveness;
     bus->jobs_endpoint = strdup(cfg->bus_jobs_endpoint);
     if (!bus->jobs_endpoint) abort();
+    if (kp_curve_client(cfg, &bus->curve)) goto error;
     if (!(bus->ctx = s_context())) goto error;
     if (s_open_jobs(bus)) goto error;
-    if (!(bus->pub = s_socket(bus->ctx, ZMQ_PUB, cfg->bus_events_in))) goto error;
+    if (!(bus->pub = s_socket(bus->ctx, ZMQ_PUB, cfg->bus_events_in, &bus->curve))) goto error;
     return bus;
 error:
     kp_bus_destroy(&bus);
@@ -463,9 +460,10 @@ kp_bus_sub_t *kp_bus_subscribe(const kp_config_t *cfg, const char *type_prefix)
     kp_bus_sub_t *sub = calloc(1, sizeof *sub);
     if (!sub) abort();
     const char *prefix = type_prefix ? type_prefix : "";
+    if (kp_curve_client(cfg, &sub->curve)) goto error;
     if (!(sub->ctx = s_context())) goto error;
     if (!(sub->sock = zmq_socket(sub->ctx, ZMQ_SUB))) goto error;
-    if (s_common_opts(sub->sock) || s_secure_client(sub->sock) ||
+    if (s_common_opts(sub->sock) || kp_curve_apply_client(sub->sock, &sub->curve) ||
         zmq_setsockopt(sub->sock, ZMQ_SUBSCRIBE, prefix, strlen(prefix))) {
         kp_error("bus", "cannot set subscriber options: %s", zmq_strerror(zmq_errno()));
         goto error;

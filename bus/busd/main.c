@@ -10,6 +10,7 @@
 #include "kp_sweep.h"
 
 #include "kp_config.h"
+#include "kp_curve.h"
 #include "kp_errors.h"
 #include "kp_log.h"
 #include "kp_msg.h"
@@ -113,7 +114,8 @@ mkdir_failed:
     return -1;
 }
 
-static void *s_bind(void *ctx, int type, const char *endpoint, const char *what)
+static void *s_bind(void *ctx, int type, const char *endpoint, const char *what,
+                    const kp_curve_t *curve)
 {
     int zero = 0, one = 1, hwm = S_HWM;
     int64_t maxmsg = KP_MSG_MAX_SIZE;
@@ -130,8 +132,11 @@ static void *s_bind(void *ctx, int type, const char *endpoint, const char *what)
         kp_error("busd", "cannot set %s socket options: %s", what, zmq_strerror(zmq_errno()));
         goto error;
     }
-    /* CurveZMQ server keys (ZMQ_CURVE_SERVER / ZMQ_CURVE_SECRETKEY) go here once the
-     * bus.curve_* settings exist. */
+    if (kp_curve_apply_server(sock, curve)) {
+        kp_error("busd", "cannot set CurveZMQ keys on the %s socket: %s", what,
+                 zmq_strerror(zmq_errno()));
+        goto error;
+    }
     if (s_prepare_ipc(endpoint)) goto error;
     if (zmq_bind(sock, endpoint)) {
         kp_error("busd", "cannot bind the %s socket to %s: %s (hint: check bus.* in the config)",
@@ -235,14 +240,17 @@ int main(int argc, char **argv)
         goto error;
     }
     zmq_ctx_set(ctx, ZMQ_BLOCKY, 0);
-    if (!(router = s_bind(ctx, ZMQ_ROUTER, cfg->bus_jobs_endpoint, "jobs"))) goto error;
-    if (!(xsub = s_bind(ctx, ZMQ_XSUB, cfg->bus_events_in, "events-in"))) goto error;
-    if (!(xpub = s_bind(ctx, ZMQ_XPUB, cfg->bus_events_out, "events-out"))) goto error;
+    kp_curve_t curve;
+    if (kp_curve_server(cfg, &curve)) goto error;
+    if (!(router = s_bind(ctx, ZMQ_ROUTER, cfg->bus_jobs_endpoint, "jobs", &curve))) goto error;
+    if (!(xsub = s_bind(ctx, ZMQ_XSUB, cfg->bus_events_in, "events-in", &curve))) goto error;
+    if (!(xpub = s_bind(ctx, ZMQ_XPUB, cfg->bus_events_out, "events-out", &curve))) goto error;
     broker = kp_broker_new(router, cfg);
     if (!(sweep = kp_sweep_start(ctx, cfg, &pipe))) goto error;
-    kp_info("busd", "brokering jobs on %s, events %s -> %s (heartbeat %ld ms x %ld)",
+    kp_info("busd", "brokering jobs on %s, events %s -> %s (heartbeat %ld ms x %ld)%s",
             cfg->bus_jobs_endpoint, cfg->bus_events_in, cfg->bus_events_out, cfg->bus_heartbeat_ms,
-            cfg->bus_heartbeat_liveness);
+            cfg->bus_heartbeat_liveness, curve.on ? ", CurveZMQ on" : "");
+    memset(curve.secret_key, 0, sizeof curve.secret_key);
 
     while (!s_terminate) {
         if (s_reload) {

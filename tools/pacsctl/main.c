@@ -5,12 +5,14 @@
  *   pacsctl [--config FILE] reindex [--wipe]   rebuild the index from the files in storage
  *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
+ *   pacsctl bus keygen FILE                    write a new CurveZMQ key pair
  *   pacsctl config-get SECTION.KEY             print one setting's effective value
  *   pacsctl config-example                     print the documented example configuration
  *
  * Every sub-command reads the same configuration as the daemons (file + KP_* environment). */
 #include "kp_bus.h"
 #include "kp_config.h"
+#include "kp_curve.h"
 #include "kp_db.h"
 #include "kp_dicom.h"
 #include "kp_errors.h"
@@ -37,6 +39,7 @@ static void s_usage(void)
             "  reindex [--wipe]         rebuild the index from the files in storage\n"
             "  jobs [--state pending|done|failed] [--limit N]   list outbox jobs\n"
             "  jobs retry ID|--failed   make a job (or every failed job) pending again\n"
+            "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
             "  config-get SECTION.KEY   print one setting's effective value\n"
             "  config-example           print the documented example configuration\n");
 }
@@ -109,7 +112,8 @@ static void s_print_query(kp_db_t *db, const char *title, const char *sql)
     PQclear(r);
 }
 
-static int s_stats(const kp_config_t *cfg)
+/* The index part of `stats`: counts and the outbox. 0, or 1 when the database failed. */
+static int s_stats_index(const kp_config_t *cfg)
 {
     kp_db_t *db = s_db(cfg, true);
     if (!db) return 1;
@@ -133,6 +137,14 @@ static int s_stats(const kp_config_t *cfg)
                   "created_at) FILTER (WHERE state = 'pending')), 0)::int FROM jobs GROUP BY "
                   "type, state ORDER BY type, state");
     kp_db_destroy(&db);
+    return 0;
+}
+
+/* `stats`: the index, then the broker's queues and workers (each shown even when the other
+ * part is unreachable). */
+static int s_stats(const kp_config_t *cfg)
+{
+    int rc = s_stats_index(cfg);
     fflush(stdout);
 
     kp_bus_t *bus = kp_bus_new(cfg, "pacsctl");
@@ -170,7 +182,7 @@ static int s_stats(const kp_config_t *cfg)
         printf("\nbroker: not reachable at %s\n", cfg->bus_jobs_endpoint);
     }
     kp_bus_destroy(&bus);
-    return 0;
+    return rc;
 }
 
 struct s_reindex {
@@ -349,7 +361,14 @@ int main(int argc, char **argv)
         rc = s_reindex(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "jobs"))
         rc = s_jobs(cfg, n - 1, args + 1);
-    else if (!strcmp(args[0], "config-get") && n == 2) {
+    else if (!strcmp(args[0], "bus") && n == 3 && !strcmp(args[1], "keygen")) {
+        char pub[KP_CURVE_KEY_LEN + 1];
+        rc = kp_curve_keygen(args[2], pub) ? 1 : 0;
+        if (!rc)
+            printf("key pair written to %s\npublic key: %s\n(set bus.curve_server_public to it "
+                   "when this is the broker's key)\n",
+                   args[2], pub);
+    } else if (!strcmp(args[0], "config-get") && n == 2) {
         char val[1024];
         rc = kp_config_get(cfg, args[1], val, sizeof val) ? 1 : 0;
         if (rc)
