@@ -101,6 +101,12 @@ PGconn *kp_db_conn(kp_db_t *db)
     return db->conn;
 }
 
+void kp_db_disconnect(kp_db_t *db)
+{
+    if (db->conn) PQfinish(db->conn);
+    db->conn = NULL;
+}
+
 int kp_db_ensure(kp_db_t *db)
 {
     if (db->conn && PQstatus(db->conn) == CONNECTION_OK) return 0;

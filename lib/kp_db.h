@@ -25,6 +25,8 @@ kp_db_t *kp_db_connect(const char *conninfo, int timeout_s, bool check_schema, i
 void kp_db_destroy(kp_db_t **db);
 /* The raw connection (borrowed), for pipeline mode or COPY. */
 PGconn *kp_db_conn(kp_db_t *db);
+/* Drops the connection (after a protocol state it cannot leave, say); the next call reconnects. */
+void kp_db_disconnect(kp_db_t *db);
 /* Re-establishes the connection when it is broken; 0 when usable. */
 int kp_db_ensure(kp_db_t *db);
 

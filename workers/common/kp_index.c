@@ -323,36 +323,7 @@ static int s_upsert_series(kp_db_t *db, s_parsed_t *p, const char *study_pk, cha
                           15, ser, study_pk, series_pk, old_studies);
 }
 
-static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk, s_set_t *old_series)
-{
-    kp_dicom_file_t *f = p->f;
-    char b1[16], b2[16], b3[16], b4[16], b5[16];
-    const char *ins[] = {series_pk,
-                         p->sop_uid,
-                         kp_dicom_get(f, T_SOP_CLASS),
-                         s_int(f, T_INSTANCE_NUMBER, b1),
-                         kp_dicom_transfer_syntax(f),
-                         s_int(f, T_ROWS, b2),
-                         s_int(f, T_COLUMNS, b3),
-                         s_int(f, T_BITS_ALLOCATED, b4),
-                         s_int(f, T_FRAMES, b5),
-                         kp_dicom_get(f, T_CONTENT_DATE),
-                         kp_dicom_get(f, T_CONTENT_TIME),
-                         p->item->rel,
-                         NULL,
-                         p->sha,
-                         p->pix_off[0] ? p->pix_off : NULL,
-                         p->pix_len[0] ? p->pix_len : NULL,
-                         kp_dicom_charset_fallback(f) ? "true" : "false",
-                         p->item->calling_ae ? p->item->calling_ae : kp_dicom_get(f, 0x00020016),
-                         p->json,
-                         p->received_at};
-    char size[24];
-    snprintf(size, sizeof size, "%lld", (long long)p->size);
-    ins[12] = size;
-    PGresult *r = NULL;
-    int rc = kp_db_exec(
-        db, &r,
+static const char s_instance_sql[] =
         "WITH old AS (SELECT series_pk FROM instances WHERE sop_uid = $2) "
         "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
         "transfer_syntax_uid, rows, columns, bits_allocated, number_of_frames, content_date, "
@@ -372,13 +343,87 @@ static int s_upsert_instance(kp_db_t *db, s_parsed_t *p, const char *series_pk, 
         "charset_fallback = EXCLUDED.charset_fallback, calling_ae = "
         "coalesce(EXCLUDED.calling_ae, instances.calling_ae), metadata = EXCLUDED.metadata, "
         "received_at = EXCLUDED.received_at, "
-        "updated_at = now() RETURNING (SELECT series_pk FROM old)",
-        20, ins);
-    if (rc) return rc;
-    if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) && strcmp(PQgetvalue(r, 0, 0), series_pk))
-        s_set_add(old_series, PQgetvalue(r, 0, 0)); /* the instance moved: fix its old series */
+        "updated_at = now() RETURNING (SELECT series_pk FROM old)";
+
+/* Upserts the batch's instances in one pipeline (libpq pipeline mode: every statement is sent
+ * before the first answer is read, so the batch costs one round trip, not one per instance).
+ * Each statement returns the series the instance was in before, so a moved instance's old series
+ * gets its aggregates fixed. */
+static int s_upsert_instances(kp_db_t *db, s_parsed_t **v, size_t m, s_set_t *old_series)
+{
+    PGconn *c = kp_db_conn(db);
+    if (!m) return 0;
+    if (PQenterPipelineMode(c) != 1) {
+        kp_error("index", "cannot enter pipeline mode: %s", PQerrorMessage(c));
+        return KP_EDB;
+    }
+    int rc = 0;
+    size_t sent = 0;
+    for (size_t i = 0; i < m; i++) {
+        s_parsed_t *p = v[i];
+        kp_dicom_file_t *f = p->f;
+        char b1[16], b2[16], b3[16], b4[16], b5[16], size[24];
+        snprintf(size, sizeof size, "%lld", (long long)p->size);
+        const char *ins[] = {p->series_pk,
+                             p->sop_uid,
+                             kp_dicom_get(f, T_SOP_CLASS),
+                             s_int(f, T_INSTANCE_NUMBER, b1),
+                             kp_dicom_transfer_syntax(f),
+                             s_int(f, T_ROWS, b2),
+                             s_int(f, T_COLUMNS, b3),
+                             s_int(f, T_BITS_ALLOCATED, b4),
+                             s_int(f, T_FRAMES, b5),
+                             kp_dicom_get(f, T_CONTENT_DATE),
+                             kp_dicom_get(f, T_CONTENT_TIME),
+                             p->item->rel,
+                             size,
+                             p->sha,
+                             p->pix_off[0] ? p->pix_off : NULL,
+                             p->pix_len[0] ? p->pix_len : NULL,
+                             kp_dicom_charset_fallback(f) ? "true" : "false",
+                             p->item->calling_ae ? p->item->calling_ae
+                                                 : kp_dicom_get(f, 0x00020016),
+                             p->json,
+                             p->received_at};
+        if (!PQsendQueryParams(c, s_instance_sql, 20, NULL, ins, NULL, NULL, 0)) {
+            kp_error("index", "cannot send an instance upsert: %s", PQerrorMessage(c));
+            rc = KP_EDB;
+            break;
+        }
+        sent++;
+    }
+    if (PQpipelineSync(c) != 1) rc = KP_EDB;
+    for (size_t i = 0; i < sent; i++) {
+        PGresult *r = PQgetResult(c);
+        if (!r) {
+            rc = KP_EDB;
+            break;
+        }
+        if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+            if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) &&
+                strcmp(PQgetvalue(r, 0, 0), v[i]->series_pk))
+                s_set_add(old_series, PQgetvalue(r, 0, 0)); /* moved: fix its old series */
+        } else if (!rc) {
+            const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+            rc = state && (!strcmp(state, "40001") || !strcmp(state, "40P01")) ? KP_EAGAIN
+                                                                                : KP_EDB;
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(r));
+            msg[strcspn(msg, "\n")] = 0;
+            kp_error("index", "instance upsert failed: %s", msg);
+        }
+        PQclear(r);
+        while ((r = PQgetResult(c))) PQclear(r); /* the NULL that ends this statement's results */
+    }
+    PGresult *r = PQgetResult(c); /* the sync point */
+    if (!r || PQresultStatus(r) != PGRES_PIPELINE_SYNC) rc = rc ? rc : KP_EDB;
     PQclear(r);
-    return 0;
+    if (PQexitPipelineMode(c) != 1) {
+        kp_error("index", "cannot leave pipeline mode: %s; reconnecting", PQerrorMessage(c));
+        kp_db_disconnect(db); /* the transaction dies with the connection */
+        rc = rc ? rc : KP_EDB;
+    }
+    return rc;
 }
 
 /* A set as a PostgreSQL array literal ("{1,2,3}"), malloc'd. */
@@ -534,11 +579,10 @@ static int s_write_entities(kp_db_t *db, s_parsed_t **v, size_t m, s_set_t *move
             a = b;
         }
     }
+    if (tick) tick(tick_user);
     if (!rc) qsort(v, m, sizeof *v, s_by_sop);
-    for (size_t i = 0; i < m && !rc; i++) {
-        rc = s_upsert_instance(db, v[i], v[i]->series_pk, moved_ser);
-        if (tick) tick(tick_user);
-    }
+    if (!rc) rc = s_upsert_instances(db, v, m, moved_ser);
+    if (tick) tick(tick_user);
     return rc;
 }
 
