@@ -33,6 +33,7 @@
 #include <dcmtk/dcmnet/dimse.h>
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/scpthrd.h>
+#include <dcmtk/dcmnet/scu.h>
 #include <dcmtk/oflog/appender.h>
 #include <dcmtk/oflog/oflog.h>
 #include <dcmtk/oflog/spi/logevent.h>
@@ -1129,4 +1130,65 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
     } catch (...) {
     }
     return KP_EINTERNAL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Verification SCU                                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+extern "C" int kp_dicom_echo(const char *host, int port, const char *calling_ae,
+                             const char *called_ae, int timeout_s, char *err, size_t errlen)
+{
+    char dummy[8];
+    if (!err) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = 0;
+    if (!host || !*host || port < 1 || port > 65535 || !calling_ae || !called_ae) {
+        snprintf(err, errlen, "invalid host, port or AE title");
+        return KP_EINVAL;
+    }
+    try {
+        DcmSCU scu;
+        scu.setAETitle(calling_ae);
+        scu.setPeerAETitle(called_ae);
+        scu.setPeerHostName(host);
+        scu.setPeerPort(static_cast<Uint16>(port));
+        int t = timeout_s > 0 ? timeout_s : 10;
+        scu.setACSETimeout(static_cast<Uint32>(t));
+        scu.setDIMSETimeout(static_cast<Uint32>(t));
+        scu.setDIMSEBlockingMode(DIMSE_NONBLOCKING);
+        scu.setConnectionTimeout(t);
+        OFList<OFString> xfers;
+        xfers.push_back(UID_LittleEndianExplicitTransferSyntax);
+        xfers.push_back(UID_LittleEndianImplicitTransferSyntax);
+        scu.addPresentationContext(UID_VerificationSOPClass, xfers);
+        OFCondition c = scu.initNetwork();
+        if (c.bad()) {
+            snprintf(err, errlen, "cannot initialise the network: %s", c.text());
+            return KP_EINTERNAL;
+        }
+        c = scu.negotiateAssociation();
+        if (c.bad()) {
+            bool rejected = c == DUL_ASSOCIATIONREJECTED;
+            snprintf(err, errlen, "%s %s:%d: %s",
+                     rejected ? "association rejected by" : "cannot reach", host, port, c.text());
+            return rejected ? KP_EPERM : KP_EIO;
+        }
+        c = scu.sendECHORequest(0);
+        if (c.bad()) {
+            snprintf(err, errlen, "C-ECHO failed: %s", c.text());
+            scu.abortAssociation();
+            return c == DIMSE_NODATAAVAILABLE ? KP_ETIMEOUT : KP_EDICOM;
+        }
+        scu.releaseAssociation();
+        return 0;
+    } catch (const std::bad_alloc &) {
+        snprintf(err, errlen, "out of memory");
+        return KP_ENOMEM;
+    } catch (...) {
+        snprintf(err, errlen, "unexpected error");
+        return KP_EINTERNAL;
+    }
 }

@@ -130,6 +130,15 @@ typedef struct {
  * acse_timeout. */
 int kp_dicom_scp_run(const kp_dicom_scp_config_t *cfg);
 
+/* ---- Verification SCU ---- */
+
+/* Sends a C-ECHO from calling_ae to called_ae at host:port (timeout_s for connecting and for
+ * each message). 0 on a successful echo; otherwise KP_ETIMEOUT, KP_EIO (no connection),
+ * KP_EPERM (association rejected) or KP_EDICOM (the peer answered with a failure), with a
+ * one-line reason in err (may be NULL). Safe to call from any thread. */
+int kp_dicom_echo(const char *host, int port, const char *calling_ae, const char *called_ae,
+                  int timeout_s, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -5,6 +5,7 @@
  *   pacsctl [--config FILE] reindex [--wipe]   rebuild the index from the files in storage
  *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
+ *   pacsctl [--config FILE] ae list|add|remove|echo ...      the modality registry
  *   pacsctl bus keygen FILE                    write a new CurveZMQ key pair
  *   pacsctl config-get SECTION.KEY             print one setting's effective value
  *   pacsctl config-example                     print the documented example configuration
@@ -19,6 +20,7 @@
 #include "kp_index.h"
 #include "kp_log.h"
 #include "kp_storage.h"
+#include "pacsctl.h"
 
 #include <jansson.h>
 #include <libgen.h>
@@ -39,6 +41,9 @@ static void s_usage(void)
             "  reindex [--wipe]         rebuild the index from the files in storage\n"
             "  jobs [--state pending|done|failed] [--limit N]   list outbox jobs\n"
             "  jobs retry ID|--failed   make a job (or every failed job) pending again\n"
+            "  ae list | add AE --host H --port P [--description D] [--site S] [--no-store]\n"
+            "     [--no-find] [--no-retrieve] [--tls] | remove AE | echo AE\n"
+            "                           the modality registry; echo sends a C-ECHO to the AE\n"
             "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
             "  config-get SECTION.KEY   print one setting's effective value\n"
             "  config-example           print the documented example configuration\n");
@@ -65,7 +70,7 @@ static char *s_schema_dir(const char *given)
     return strdup("schema");
 }
 
-static kp_db_t *s_db(const kp_config_t *cfg, bool check)
+kp_db_t *pacsctl_db(const kp_config_t *cfg, bool check)
 {
     int err = 0;
     kp_db_t *db = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, check, &err);
@@ -79,7 +84,7 @@ static int s_migrate(const kp_config_t *cfg, int argc, char **argv)
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], "--schema") && i + 1 < argc) dir = argv[++i];
     char *d = s_schema_dir(dir);
-    kp_db_t *db = s_db(cfg, false);
+    kp_db_t *db = pacsctl_db(cfg, false);
     if (!db) {
         free(d);
         return 1;
@@ -115,7 +120,7 @@ static void s_print_query(kp_db_t *db, const char *title, const char *sql)
 /* The index part of `stats`: counts and the outbox. 0, or 1 when the database failed. */
 static int s_stats_index(const kp_config_t *cfg)
 {
-    kp_db_t *db = s_db(cfg, true);
+    kp_db_t *db = pacsctl_db(cfg, true);
     if (!db) return 1;
     PGresult *r = NULL;
     int rc = kp_db_exec(db, &r,
@@ -253,7 +258,7 @@ static int s_reindex(const kp_config_t *cfg, int argc, char **argv)
     struct s_reindex ri = {.tty = isatty(STDERR_FILENO), .started = time(NULL)};
     int rc = 1;
     if (kp_dicom_init()) return 1;
-    ri.db = s_db(cfg, true);
+    ri.db = pacsctl_db(cfg, true);
     ri.st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
     if (!ri.db || !ri.st) goto done;
     if (wipe &&
@@ -278,7 +283,7 @@ done:
 
 static int s_jobs(const kp_config_t *cfg, int argc, char **argv)
 {
-    kp_db_t *db = s_db(cfg, true);
+    kp_db_t *db = pacsctl_db(cfg, true);
     if (!db) return 1;
     int rc = 0;
     if (argc >= 1 && !strcmp(argv[0], "retry")) {
@@ -361,6 +366,8 @@ int main(int argc, char **argv)
         rc = s_reindex(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "jobs"))
         rc = s_jobs(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "ae"))
+        rc = pacsctl_ae(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "bus") && n == 3 && !strcmp(args[1], "keygen")) {
         char pub[KP_CURVE_KEY_LEN + 1];
         rc = kp_curve_keygen(args[2], pub) ? 1 : 0;
