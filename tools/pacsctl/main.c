@@ -198,7 +198,7 @@ struct s_reindex {
     size_t n;
     long done, failed, total;
     bool tty;
-    time_t started;
+    struct timespec started;
 };
 
 static void s_progress(struct s_reindex *ri, bool final)
@@ -207,7 +207,10 @@ static void s_progress(struct s_reindex *ri, bool final)
     long t = ri->total > 0 ? ri->total : 1;
     int width = 40, filled = (int)(width * (ri->done + ri->failed) / t);
     if (filled > width) filled = width;
-    double el = difftime(time(NULL), ri->started);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double el = (double)(now.tv_sec - ri->started.tv_sec) +
+                (double)(now.tv_nsec - ri->started.tv_nsec) / 1e9;
     fprintf(stderr, "\r[%.*s%*s] %ld/%ld  %.0f/s  %ld failed", filled,
             "########################################", width - filled, "", ri->done + ri->failed,
             ri->total, el > 0 ? (ri->done + ri->failed) / el : 0.0, ri->failed);
@@ -255,7 +258,8 @@ static int s_reindex(const kp_config_t *cfg, int argc, char **argv)
     bool wipe = false;
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], "--wipe")) wipe = true;
-    struct s_reindex ri = {.tty = isatty(STDERR_FILENO), .started = time(NULL)};
+    struct s_reindex ri = {.tty = isatty(STDERR_FILENO)};
+    clock_gettime(CLOCK_MONOTONIC, &ri.started);
     int rc = 1;
     if (kp_dicom_init()) return 1;
     ri.db = pacsctl_db(cfg, true);
