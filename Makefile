@@ -37,7 +37,7 @@ LIBKP     := $(BUILD)/libkp.a
 
 # binary name : source directory
 PROGRAMS  := pacs-busd:bus/busd pacs-dicomd:gateway/dimse pacs-indexer:workers/indexer \
-             pacsctl:tools/pacsctl
+             pacsctl:tools/pacsctl pacs-gateway:gateway/http
 prog_name = $(word 1,$(subst :, ,$1))
 prog_dir  = $(word 2,$(subst :, ,$1))
 BINS      := $(foreach p,$(PROGRAMS),$(BUILD)/bin/$(call prog_name,$p))
@@ -60,15 +60,26 @@ $(BUILD)/obj/%.o: %.cc
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
+# pacs-gateway (H2O 2.2.5 with its own event loop; see ../shared/deps.md): extra flags for its
+# objects, its unit tests and its link line (LIBS_<program> is appended for that program only).
+H2O_CFLAGS := -DH2O_USE_LIBUV=0 $(shell pkg-config --cflags libh2o-evloop 2>/dev/null)
+H2O_LIBS  := $(shell pkg-config --libs libh2o-evloop openssl 2>/dev/null)
+LIBS_pacs-gateway := $(H2O_LIBS)
+$(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
+$(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
+# unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
+UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o)
+
 define PROGRAM_RULE
 $(BUILD)/bin/$(call prog_name,$1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard $(call prog_dir,$1)/*.c)) $(LIBKP)
 	@mkdir -p $$(dir $$@)
-	$(CXX) $(LDFLAGS) -o $$@ $$^ $(LDLIBS)
+	$(CXX) $(LDFLAGS) -o $$@ $$^ $(LDLIBS) $(LIBS_$(call prog_name,$1))
 endef
 $(foreach p,$(PROGRAMS),$(eval $(call PROGRAM_RULE,$p)))
 
 define UNIT_RULE
-$(BUILD)/tests/$(basename $(notdir $1)): $(BUILD)/obj/$(1:.c=.o) $(LIBKP)
+$(BUILD)/tests/$(basename $(notdir $1)): $(BUILD)/obj/$(1:.c=.o) $(UNIT_EXTRA_$(basename $(notdir $1))) $(LIBKP)
 	@mkdir -p $$(dir $$@)
 	$(CXX) $(LDFLAGS) -o $$@ $$^ -lcmocka $(LDLIBS)
 endef

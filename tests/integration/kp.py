@@ -5,11 +5,13 @@ pacs-busd / pacs-dicomd / pacs-indexer are the binaries the Makefile built (BUIL
 build/asan), and DICOM traffic comes from DCMTK's own storescu/echoscu.
 """
 import codecs
+import http.client
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -76,9 +78,10 @@ class Cluster:
 
 
 class System:
-    """busd + dicomd + indexer(s) on a fresh database and storage directory."""
+    """busd + dicomd + indexer(s) on a fresh database and storage directory; with gateway=True
+    also pacs-gateway (HTTPS on self.https_port, its redirect on self.http_port, 127.0.0.1)."""
 
-    def __init__(self, cluster, indexers=1, extra_env=None, start=True):
+    def __init__(self, cluster, indexers=1, extra_env=None, start=True, gateway=False):
         self.dir = tempfile.mkdtemp(prefix="kp-sys-")
         self.dsn = cluster.new_database()
         self.port = free_port()
@@ -99,6 +102,17 @@ class System:
             "KP_LOG_LEVEL": "info",
             "TCP_NODELAY": "1",
         })
+        self.gateway = gateway
+        if gateway:
+            self.https_port = free_port()
+            self.http_port = free_port()
+            self.env.update({
+                "KP_HTTP_BIND": "127.0.0.1",
+                "KP_HTTP_HTTPS_PORT": str(self.https_port),
+                "KP_HTTP_HTTP_PORT": str(self.http_port),
+                "KP_HTTP_THREADS": "2",
+                "KP_HTTP_DB_POOL": "2",
+            })
         self.env.update(extra_env or {})
         self.procs = {}
         self.logs = {}
@@ -125,6 +139,35 @@ class System:
         for i in range(self.n_indexers):
             self.start(f"pacs-indexer#{i}", "pacs-indexer")
         self.start_dicomd()
+        if self.gateway:
+            self.start_gateway()
+
+    def start_gateway(self):
+        self.start("pacs-gateway")
+        wait_for(lambda: self.https_ok(), 30, "pacs-gateway to answer HTTPS")
+
+    def https_ok(self):
+        try:
+            return self.https("GET", "/dicom-web/studies?limit=1")[0] == 200
+        except OSError:
+            return False
+
+    def https(self, method, path, headers=None, body=None, timeout=30, port=None, tls=True):
+        """One request on a fresh connection; returns (status, headers, raw body bytes).
+        The certificate is self-signed, so it is not verified; bodies are not decompressed."""
+        if tls:
+            conn = http.client.HTTPSConnection("127.0.0.1", port or self.https_port,
+                                               timeout=timeout,
+                                               context=ssl._create_unverified_context())
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port or self.http_port,
+                                              timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.headers, r.read()
+        finally:
+            conn.close()
 
     def start_dicomd(self):
         self.start("pacs-dicomd")

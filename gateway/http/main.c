@@ -1,0 +1,655 @@
+/* pacs-gateway: the HTTPS front door (DICOMweb now; REST, web UI and OHIF later).
+ *
+ * N event-loop threads (H2O evloop), each with its own listeners on the same ports
+ * (SO_REUSEPORT), and a pool of database worker threads, each with its own connection. A loop
+ * thread parses and routes a request, copies what the handler needs into a job and queues it;
+ * a worker runs the handler (blocking libpq is fine there) and hands the finished response back
+ * to the owning loop with h2o_multithread_send_message. A request that died meanwhile (client
+ * gone) is noticed through a token in the request's memory pool and the response is dropped.
+ * See gateway/http/README for the design. */
+#include "kp_config.h"
+#include "kp_db.h"
+#include "kp_errors.h"
+#include "kp_http.h"
+#include "kp_log.h"
+#include "kp_routes.h"
+#include "kp_tls.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <h2o.h>
+#include <h2o/http2.h>
+
+/* ---- types --------------------------------------------------------------------------------- */
+typedef struct s_loop {
+    h2o_context_t ctx;
+    h2o_evloop_t *loop;
+    pthread_t tid;
+    int index;
+    int fd_tls, fd_plain;
+    h2o_socket_t *listen_tls, *listen_plain;
+    h2o_accept_ctx_t accept_tls, accept_plain;
+    h2o_multithread_receiver_t receiver;
+    int inflight; /* jobs handed to workers and not back yet (this thread only) */
+} s_loop_t;
+
+struct s_token;
+
+typedef struct s_job {
+    h2o_multithread_message_t super; /* first: the message is the job */
+    s_loop_t *owner;
+    h2o_req_t *req; /* NULL once H2O disposed of the request (client gone) */
+    struct s_token *token;
+    kp_http_req_t in;
+    kp_http_resp_t out;
+    struct s_job *next;
+} s_job_t;
+
+/* Lives in the request's pool: its dispose callback tells the job the request is gone. */
+struct s_token {
+    s_job_t *job;
+};
+
+static struct {
+    kp_config_t *cfg;
+    h2o_globalconf_t globalconf;
+    SSL_CTX *ssl_ctx;
+    s_loop_t *loops;
+    int nloops;
+    /* worker pool */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    s_job_t *head, *tail;
+    int stopping;
+    pthread_t *workers;
+    kp_db_t **dbs;
+    int nworkers;
+    int queued; /* jobs waiting for a worker */
+} s_g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static volatile sig_atomic_t s_stop;
+/* Jobs that may wait per database worker before new requests get 503 + Retry-After. */
+#define S_MAX_QUEUED_PER_WORKER 256
+static h2o_mime_attributes_t s_compressible = {.is_compressible = 1};
+static h2o_mime_attributes_t s_as_is = {.is_compressible = 0};
+
+static void s_on_signal(int sig)
+{
+    (void)sig;
+    s_stop = 1;
+}
+
+static double s_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* ---- responses (loop thread) --------------------------------------------------------------- */
+static const char *s_reason(int status)
+{
+    switch (status) {
+    case 200:
+        return "OK";
+    case 301:
+        return "Moved Permanently";
+    case 304:
+        return "Not Modified";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 409:
+        return "Conflict";
+    case 413:
+        return "Payload Too Large";
+    case 415:
+        return "Unsupported Media Type";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    default:
+        return "Status";
+    }
+}
+
+static void s_header(h2o_req_t *req, const char *name, const char *value)
+{
+    h2o_add_header_by_str(&req->pool, &req->res.headers, name, strlen(name), 1, NULL, value,
+                          strlen(value));
+}
+
+static void s_security_headers(h2o_req_t *req, int tls)
+{
+    if (tls) s_header(req, "strict-transport-security", "max-age=31536000");
+    s_header(req, "x-content-type-options", "nosniff");
+    s_header(req, "x-frame-options", "SAMEORIGIN");
+    s_header(req, "content-security-policy", "frame-ancestors 'self'");
+    s_header(req, "referrer-policy", "no-referrer");
+}
+
+/* Copies path into out with control characters and spaces replaced, for the access log. */
+static void s_log_safe(char *out, size_t outlen, const char *s, size_t len)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < len && k + 1 < outlen; i++)
+        out[k++] = ((unsigned char)s[i] < 0x21 || s[i] == 0x7f) ? '?' : s[i];
+    out[k] = 0;
+}
+
+static void s_access_log(h2o_req_t *req, int status, size_t bytes)
+{
+    if (KP_LOG_INFO < kp_log_threshold) return;
+    struct timeval now;
+    gettimeofday(&now, NULL);
+    double ms = (double)(now.tv_sec - req->timestamps.request_begin_at.tv_sec) * 1e3 +
+                (double)(now.tv_usec - req->timestamps.request_begin_at.tv_usec) / 1e3;
+    char method[16], path[512];
+    s_log_safe(method, sizeof method, req->method.base, req->method.len);
+    s_log_safe(path, sizeof path, req->path.base, req->path.len);
+    kp_info("http", "%s %s %d %zu %.1fms", method, path, status, bytes, ms);
+}
+
+static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
+{
+    int tls = req->scheme == &H2O_URL_SCHEME_HTTPS;
+    req->res.status = r->status;
+    req->res.reason = s_reason(r->status);
+    s_security_headers(req, tls);
+    if (r->content_type && r->status != 304)
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, r->content_type,
+                       strlen(r->content_type));
+    if (r->etag[0]) {
+        h2o_iovec_t v = h2o_strdup(&req->pool, r->etag, strlen(r->etag));
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ETAG, NULL, v.base, v.len);
+    }
+    if (r->allow[0]) {
+        h2o_iovec_t v = h2o_strdup(&req->pool, r->allow, strlen(r->allow));
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ALLOW, NULL, v.base, v.len);
+    }
+    if (r->warning) {
+        char buf[1024];
+        int n = snprintf(buf, sizeof buf, "299 pacs-gateway \"%.900s\"", r->warning);
+        h2o_iovec_t v =
+            h2o_strdup(&req->pool, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+        h2o_add_header_by_str(&req->pool, &req->res.headers, H2O_STRLIT("warning"), 0, NULL, v.base,
+                              v.len);
+    }
+    if (r->status == 200 || r->status == 304) {
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL,
+                       H2O_STRLIT("private, no-cache"));
+    } else {
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL,
+                       H2O_STRLIT("no-store"));
+    }
+    req->res.mime_attr = r->compressible ? &s_compressible : &s_as_is;
+    size_t len = r->status == 304 ? 0 : r->len;
+    req->res.content_length = len;
+    s_access_log(req, r->status, len);
+    h2o_send_inline(req, len ? r->body : "", len);
+}
+
+static void s_respond_error(h2o_req_t *req, int code, int status, const char *msg,
+                            const char *detail, const char *allow)
+{
+    kp_http_resp_t r = {0};
+    kp_http_error(&r, code, status, msg, detail);
+    if (allow) snprintf(r.allow, sizeof r.allow, "%s", allow);
+    s_respond(req, &r);
+    kp_http_resp_clear(&r);
+}
+
+/* Plain HTTP: 301 to the same host and path on the HTTPS port. */
+static void s_redirect(h2o_req_t *req)
+{
+    const char *a = req->authority.base;
+    size_t alen = req->authority.len, hl = 0;
+    if (alen && a[0] == '[') {
+        const char *rb = memchr(a, ']', alen);
+        hl = rb ? (size_t)(rb - a) + 1 : 0;
+    } else {
+        const char *colon = memchr(a, ':', alen);
+        hl = colon ? (size_t)(colon - a) : alen;
+    }
+    bool ok = hl > 0 && hl < 256;
+    for (size_t i = 0; ok && i < hl; i++) {
+        char c = a[i];
+        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+             c == '.' || c == '-' || c == ':' || c == '[' || c == ']';
+    }
+    if (!ok) {
+        s_respond_error(req, KP_EINVAL, 0, "bad Host header", NULL, NULL);
+        return;
+    }
+    const char *path = req->path.len && req->path.base[0] == '/' ? req->path.base : "/";
+    size_t plen = req->path.len && req->path.base[0] == '/' ? req->path.len : 1;
+    char port[16] = "";
+    if (s_g.cfg->http_https_port != 443)
+        snprintf(port, sizeof port, ":%ld", s_g.cfg->http_https_port);
+    size_t cap = 8 + hl + sizeof port + plen + 1;
+    char *loc = h2o_mem_alloc_pool(&req->pool, cap);
+    int n = snprintf(loc, cap, "https://%.*s%s%.*s", (int)hl, a, port, (int)plen, path);
+    req->res.status = 301;
+    req->res.reason = s_reason(301);
+    s_security_headers(req, 0);
+    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_LOCATION, NULL, loc, (size_t)n);
+    req->res.content_length = 0;
+    s_access_log(req, 301, 0);
+    h2o_send_inline(req, "", 0);
+}
+
+/* ---- worker pool --------------------------------------------------------------------------- */
+static void s_job_free(s_job_t *job)
+{
+    kp_http_req_clear(&job->in);
+    kp_http_resp_clear(&job->out);
+    free(job);
+}
+
+static void s_token_dispose(void *p)
+{
+    struct s_token *t = p;
+    if (t->job) t->job->req = NULL;
+}
+
+static void *s_worker_main(void *arg)
+{
+    kp_http_env_t env = {.db = (kp_db_t *)arg, .cfg = s_g.cfg};
+    for (;;) {
+        pthread_mutex_lock(&s_g.mu);
+        while (!s_g.head && !s_g.stopping)
+            pthread_cond_wait(&s_g.cv, &s_g.mu);
+        s_job_t *job = s_g.head;
+        if (job) {
+            s_g.head = job->next;
+            if (!s_g.head) s_g.tail = NULL;
+            s_g.queued--;
+        }
+        pthread_mutex_unlock(&s_g.mu);
+        if (!job) break; /* stopping and nothing left */
+        int rc = job->in.route->handler(&env, &job->in, &job->out);
+        if (rc) {
+            kp_http_resp_clear(&job->out);
+            kp_http_error(&job->out, rc, 0, NULL, NULL);
+        } else if (!job->out.status) {
+            kp_http_error(&job->out, KP_EINTERNAL, 0, "handler produced no response", NULL);
+        }
+        h2o_multithread_send_message(&job->owner->receiver, &job->super);
+    }
+    return NULL;
+}
+
+static void s_on_messages(h2o_multithread_receiver_t *rcv, h2o_linklist_t *messages)
+{
+    (void)rcv;
+    while (!h2o_linklist_is_empty(messages)) {
+        h2o_multithread_message_t *m =
+            H2O_STRUCT_FROM_MEMBER(h2o_multithread_message_t, link, messages->next);
+        h2o_linklist_unlink(&m->link);
+        s_job_t *job = (s_job_t *)m;
+        job->owner->inflight--;
+        if (job->req) {
+            job->token->job = NULL;
+            s_respond(job->req, &job->out);
+        } else {
+            char path[256];
+            s_log_safe(path, sizeof path, job->in.path, strlen(job->in.path));
+            kp_info("http", "%s %s: client went away before the response", job->in.method, path);
+        }
+        s_job_free(job);
+    }
+}
+
+static char *s_strndup(const char *s, size_t n)
+{
+    char *d = strndup(s, n);
+    if (!d) abort();
+    return d;
+}
+
+/* ---- request entry (loop thread) ----------------------------------------------------------- */
+static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
+{
+    (void)self;
+    s_loop_t *L = H2O_STRUCT_FROM_MEMBER(s_loop_t, ctx, req->conn->ctx);
+    if (req->scheme != &H2O_URL_SCHEME_HTTPS) {
+        s_redirect(req);
+        return 0;
+    }
+    size_t hsize = 0;
+    for (size_t i = 0; i < req->headers.size; i++)
+        hsize += req->headers.entries[i].name->len + req->headers.entries[i].value.len + 4;
+    if (hsize > (size_t)s_g.cfg->http_max_header_kb * 1024) {
+        s_respond_error(req, KP_ETOOBIG, 431, "request headers too large", NULL, NULL);
+        return 0;
+    }
+    char method[12];
+    if (req->method.len >= sizeof method) {
+        s_respond_error(req, KP_EINVAL, 405, "method not allowed", NULL, NULL);
+        return 0;
+    }
+    memcpy(method, req->method.base, req->method.len);
+    method[req->method.len] = 0;
+
+    s_job_t *job = calloc(1, sizeof *job);
+    if (!job) abort();
+    char allow[64];
+    kp_route_result_t m = kp_routes_match(method, req->path_normalized.base,
+                                          req->path_normalized.len, &job->in, allow, sizeof allow);
+    if (m != KP_ROUTE_OK) {
+        s_job_free(job);
+        if (m == KP_ROUTE_NOT_FOUND)
+            s_respond_error(req, KP_ENOTFOUND, 0, "no such resource", NULL, NULL);
+        else if (m == KP_ROUTE_BAD_UID)
+            s_respond_error(req, KP_EINVAL, 0, "invalid UID in the path",
+                            "UIDs are digits and dots, at most 64 characters", NULL);
+        else
+            s_respond_error(req, KP_EINVAL, 405, "method not allowed", NULL, allow);
+        return 0;
+    }
+    /* Permissions: authentication is not built yet; http.dev_allow_all lets everything in. */
+    if (!s_g.cfg->http_dev_allow_all) {
+        s_job_free(job);
+        s_respond_error(req, KP_EUNAUTH, 0, NULL, "authentication is not available yet", NULL);
+        return 0;
+    }
+    snprintf(job->in.method, sizeof job->in.method, "%s", method);
+    job->in.path = s_strndup(req->path_normalized.base, req->path_normalized.len);
+    if (req->query_at != SIZE_MAX)
+        job->in.query =
+            s_strndup(req->path.base + req->query_at + 1, req->path.len - req->query_at - 1);
+    ssize_t h = h2o_find_header(&req->headers, H2O_TOKEN_IF_NONE_MATCH, -1);
+    if (h >= 0)
+        job->in.if_none_match =
+            s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
+    /* Back-pressure: a bounded queue; beyond it the client is told to retry. */
+    pthread_mutex_lock(&s_g.mu);
+    int queued = s_g.queued;
+    pthread_mutex_unlock(&s_g.mu);
+    if (queued >= S_MAX_QUEUED_PER_WORKER * s_g.nworkers) {
+        s_job_free(job);
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_RETRY_AFTER, NULL, H2O_STRLIT("1"));
+        s_respond_error(req, KP_EAGAIN, 0, "server busy", NULL, NULL);
+        return 0;
+    }
+    job->owner = L;
+    job->req = req;
+    job->token = h2o_mem_alloc_shared(&req->pool, sizeof *job->token, s_token_dispose);
+    job->token->job = job;
+    L->inflight++;
+    pthread_mutex_lock(&s_g.mu);
+    if (s_g.tail)
+        s_g.tail->next = job;
+    else
+        s_g.head = job;
+    s_g.tail = job;
+    s_g.queued++;
+    pthread_cond_signal(&s_g.cv);
+    pthread_mutex_unlock(&s_g.mu);
+    return 0;
+}
+
+/* ---- listeners and loops ------------------------------------------------------------------- */
+static int s_listen_fd(const char *host, long port, int reuseport, char *err, size_t errlen)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV};
+    struct addrinfo *ai = NULL;
+    char ps[16];
+    snprintf(ps, sizeof ps, "%ld", port);
+    int g = getaddrinfo(host, ps, &hints, &ai);
+    if (g) {
+        snprintf(err, errlen, "http.bind '%s': %s", host, gai_strerror(g));
+        return -1;
+    }
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one)) ||
+        bind(fd, ai->ai_addr, ai->ai_addrlen) || listen(fd, 1024)) {
+        snprintf(err, errlen, "cannot listen on %s port %ld: %s%s", host, port, strerror(errno),
+                 errno == EADDRINUSE ? " (is another pacs-gateway running?)" : "");
+        if (fd >= 0) close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(ai);
+    return fd;
+}
+
+static void s_on_accept(h2o_socket_t *listener, const char *err)
+{
+    if (err) return;
+    s_loop_t *L = listener->data;
+    h2o_accept_ctx_t *actx = listener == L->listen_tls ? &L->accept_tls : &L->accept_plain;
+    for (int k = 0; k < 16; k++) {
+        h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
+        if (!sock) break;
+        h2o_accept(actx, sock);
+    }
+}
+
+static void *s_loop_main(void *arg)
+{
+    s_loop_t *L = arg;
+    L->listen_tls = h2o_evloop_socket_create(L->loop, L->fd_tls, H2O_SOCKET_FLAG_DONT_READ);
+    L->listen_tls->data = L;
+    h2o_socket_read_start(L->listen_tls, s_on_accept);
+    if (L->fd_plain >= 0) {
+        L->listen_plain = h2o_evloop_socket_create(L->loop, L->fd_plain, H2O_SOCKET_FLAG_DONT_READ);
+        L->listen_plain->data = L;
+        h2o_socket_read_start(L->listen_plain, s_on_accept);
+    }
+    while (!s_stop)
+        h2o_evloop_run(L->loop, 200);
+
+    /* Graceful shutdown: stop accepting, let in-flight requests finish (bounded). */
+    h2o_socket_read_stop(L->listen_tls);
+    h2o_socket_close(L->listen_tls);
+    L->listen_tls = NULL;
+    if (L->listen_plain) {
+        h2o_socket_read_stop(L->listen_plain);
+        h2o_socket_close(L->listen_plain);
+        L->listen_plain = NULL;
+    }
+    h2o_context_request_shutdown(&L->ctx);
+    double deadline = s_now() + (double)s_g.cfg->http_shutdown_timeout;
+    while (L->inflight > 0 && s_now() < deadline)
+        h2o_evloop_run(L->loop, 50);
+    if (L->inflight > 0)
+        kp_warn("http", "loop %d: %d request(s) still running at shutdown", L->index, L->inflight);
+    /* Flush what was just sent; idle keep-alive connections are simply closed by exit. */
+    double flush = s_now() + 0.5;
+    while (s_now() < flush && (!h2o_linklist_is_empty(&L->ctx.http1._conns) ||
+                               !h2o_linklist_is_empty(&L->ctx.http2._conns)))
+        h2o_evloop_run(L->loop, 20);
+    return NULL;
+}
+
+static void s_setup_globalconf(const kp_config_t *cfg)
+{
+    h2o_globalconf_t *gc = &s_g.globalconf;
+    h2o_config_init(gc);
+    gc->server_name = h2o_iovec_init(H2O_STRLIT("Klinika-PACS"));
+    gc->max_request_entity_size = (size_t)cfg->http_max_body_mb << 20;
+    gc->handshake_timeout = 10000;
+    gc->http1.req_timeout = (uint64_t)cfg->http_request_timeout * 1000;
+    gc->http2.idle_timeout = (uint64_t)cfg->http_request_timeout * 1000;
+    gc->http2.graceful_shutdown_timeout = (uint64_t)cfg->http_shutdown_timeout * 1000;
+    /* H2O 2.2.5 predates the HTTP/2 rapid-reset fix: keep per-connection concurrency small. */
+    gc->http2.max_concurrent_requests_per_connection = 16;
+    h2o_hostconf_t *host =
+        h2o_config_register_host(gc, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+    h2o_pathconf_t *pc = h2o_config_register_path(host, "/", 0);
+    h2o_handler_t *h = h2o_create_handler(pc, sizeof *h);
+    h->on_req = s_on_req;
+    h2o_compress_args_t ca = {.min_size = 256, .gzip = {.quality = 1}, .brotli = {.quality = -1}};
+    h2o_compress_register(pc, &ca);
+}
+
+static int s_tls_setup(const kp_config_t *cfg)
+{
+    char err[512];
+    char *cert = kp_config_abspath(cfg->http_tls_cert), *key = kp_config_abspath(cfg->http_tls_key);
+    int rc = -1;
+    struct stat sb;
+    bool have_cert = stat(cert, &sb) == 0, have_key = stat(key, &sb) == 0;
+    if (!have_cert && !have_key && cfg->http_tls_generate) {
+        if (kp_tls_generate(cert, key, err, sizeof err)) {
+            kp_error("tls", "cannot generate a self-signed certificate: %s", err);
+            goto done;
+        }
+        kp_warn("tls",
+                "generated a self-signed certificate %s (key %s); browsers will warn until "
+                "a real certificate is configured (http.tls_cert, http.tls_key)",
+                cert, key);
+    } else if (!have_cert || !have_key) {
+        kp_error("tls", "missing %s (set http.tls_cert and http.tls_key%s)", have_cert ? key : cert,
+                 cfg->http_tls_generate ? "; a certificate is generated only when both are absent"
+                                        : ", or http.tls_generate = true");
+        goto done;
+    }
+    s_g.ssl_ctx = kp_tls_server_ctx(cert, key, err, sizeof err);
+    if (!s_g.ssl_ctx) {
+        kp_error("tls", "%s", err);
+        goto done;
+    }
+    h2o_ssl_register_alpn_protocols(s_g.ssl_ctx, h2o_http2_alpn_protocols);
+    rc = 0;
+done:
+    free(cert);
+    free(key);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    kp_log_init("pacs-gateway");
+    bool exit_now = false;
+    kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-gateway", &exit_now, NULL);
+    if (!cfg) return 1;
+    if (exit_now) {
+        kp_config_destroy(&cfg);
+        return 0;
+    }
+    s_g.cfg = cfg;
+    int status = 1;
+
+    struct sigaction sa = {.sa_handler = s_on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    if (cfg->http_dev_allow_all)
+        kp_warn("auth", "authentication is NOT enforced (http.dev_allow_all = true): every "
+                        "request is allowed; never expose this gateway to a network");
+    if (s_tls_setup(cfg)) goto out;
+    s_setup_globalconf(cfg);
+
+    /* A stale server sharing the port through SO_REUSEPORT would silently take a share of the
+     * connections: first bind each port once without SO_REUSEPORT, which fails when anyone
+     * listens there. */
+    char err[512];
+    long ports[2] = {cfg->http_https_port, cfg->http_http_port};
+    for (int p = 0; p < 2; p++) {
+        if (!ports[p]) continue;
+        int fd = s_listen_fd(cfg->http_bind, ports[p], 0, err, sizeof err);
+        if (fd < 0) {
+            kp_error("http", "%s", err);
+            goto out;
+        }
+        close(fd);
+    }
+
+    s_g.nloops = cfg->http_threads ? (int)cfg->http_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (s_g.nloops < 1) s_g.nloops = 1;
+    s_g.loops = calloc((size_t)s_g.nloops, sizeof *s_g.loops);
+    if (!s_g.loops) abort();
+    for (int i = 0; i < s_g.nloops; i++) {
+        s_loop_t *L = &s_g.loops[i];
+        L->index = i;
+        L->fd_plain = -1;
+        L->fd_tls = s_listen_fd(cfg->http_bind, cfg->http_https_port, 1, err, sizeof err);
+        if (L->fd_tls < 0 ||
+            (cfg->http_http_port && (L->fd_plain = s_listen_fd(cfg->http_bind, cfg->http_http_port,
+                                                               1, err, sizeof err)) < 0)) {
+            kp_error("http", "%s", err);
+            goto out;
+        }
+    }
+
+    /* Database workers, each with its own connection. */
+    s_g.nworkers = (int)cfg->http_db_pool;
+    s_g.dbs = calloc((size_t)s_g.nworkers, sizeof *s_g.dbs);
+    s_g.workers = calloc((size_t)s_g.nworkers, sizeof *s_g.workers);
+    if (!s_g.dbs || !s_g.workers) abort();
+    for (int i = 0; i < s_g.nworkers; i++) {
+        s_g.dbs[i] = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, true, NULL);
+        if (!s_g.dbs[i]) goto out_dbs;
+    }
+    for (int i = 0; i < s_g.nworkers; i++)
+        pthread_create(&s_g.workers[i], NULL, s_worker_main, s_g.dbs[i]);
+
+    for (int i = 0; i < s_g.nloops; i++) {
+        s_loop_t *L = &s_g.loops[i];
+        L->loop = h2o_evloop_create();
+        h2o_context_init(&L->ctx, L->loop, &s_g.globalconf);
+        h2o_multithread_register_receiver(L->ctx.queue, &L->receiver, s_on_messages);
+        L->accept_tls = (h2o_accept_ctx_t){
+            .ctx = &L->ctx, .hosts = s_g.globalconf.hosts, .ssl_ctx = s_g.ssl_ctx};
+        L->accept_plain = (h2o_accept_ctx_t){.ctx = &L->ctx, .hosts = s_g.globalconf.hosts};
+        pthread_create(&L->tid, NULL, s_loop_main, L);
+    }
+    kp_info("http", "listening: https://%s:%ld/dicom-web (%d loop threads, %d database workers)%s",
+            cfg->http_bind, cfg->http_https_port, s_g.nloops, s_g.nworkers,
+            cfg->http_http_port ? "" : "; plain HTTP disabled");
+    if (cfg->http_http_port)
+        kp_info("http", "http://%s:%ld/ redirects to HTTPS", cfg->http_bind, cfg->http_http_port);
+
+    for (int i = 0; i < s_g.nloops; i++)
+        pthread_join(s_g.loops[i].tid, NULL);
+    kp_info("http", "stopped accepting; stopping database workers");
+    pthread_mutex_lock(&s_g.mu);
+    s_g.stopping = 1;
+    pthread_cond_broadcast(&s_g.cv);
+    pthread_mutex_unlock(&s_g.mu);
+    for (int i = 0; i < s_g.nworkers; i++)
+        pthread_join(s_g.workers[i], NULL);
+    status = 0;
+out_dbs:
+    for (int i = 0; i < s_g.nworkers; i++)
+        kp_db_destroy(&s_g.dbs[i]);
+out:
+    kp_info("http", "exiting (status %d)", status);
+    /* The loops, contexts and SSL_CTX stay allocated until exit: H2O has no complete teardown
+     * in 2.2.5 (see tests/lsan.supp); they remain reachable through s_g. */
+    kp_config_destroy(&cfg);
+    s_g.cfg = NULL;
+    return status;
+}

@@ -1,0 +1,97 @@
+/* Unit tests of the route table: matching, {uid} validation, 404 versus 405, JSON errors. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "kp_errors.h"
+#include "kp_http.h"
+#include "kp_routes.h"
+
+#include <jansson.h>
+#include <string.h>
+
+static kp_route_result_t s_match(const char *method, const char *path, kp_http_req_t *req,
+                                 char *allow)
+{
+    memset(req, 0, sizeof *req);
+    return kp_routes_match(method, path, strlen(path), req, allow, 64);
+}
+
+static void test_matching(void **state)
+{
+    (void)state;
+    kp_http_req_t r;
+    char allow[64];
+    assert_int_equal(s_match("GET", "/dicom-web/studies", &r, allow), KP_ROUTE_OK);
+    assert_int_equal(r.nparams, 0);
+    assert_string_equal(r.route->permission, "study.read");
+    assert_int_equal(
+        s_match("GET", "/dicom-web/studies/1.2.3/series/4.5/instances/6.7/metadata", &r, allow),
+        KP_ROUTE_OK);
+    assert_int_equal(r.nparams, 3);
+    assert_string_equal(r.params[0], "1.2.3");
+    assert_string_equal(r.params[1], "4.5");
+    assert_string_equal(r.params[2], "6.7");
+    assert_int_equal(s_match("GET", "/dicom-web/studies/1.2.3/series", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.route->pattern, "/dicom-web/studies/{study}/series");
+}
+
+static void test_not_found_bad_method_bad_uid(void **state)
+{
+    (void)state;
+    kp_http_req_t r;
+    char allow[64];
+    assert_int_equal(s_match("GET", "/", &r, allow), KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/dicom-web/studies/", &r, allow), KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/dicom-web/studiesX", &r, allow), KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/dicom-web/studies/1.2//series", &r, allow),
+                     KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/dicom-web/studies/1.2/series/extra/more/x", &r, allow),
+                     KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("DELETE", "/dicom-web/studies", &r, allow), KP_ROUTE_BAD_METHOD);
+    assert_string_equal(allow, "GET");
+    assert_int_equal(s_match("GET", "/dicom-web/studies/1.2.x/series", &r, allow),
+                     KP_ROUTE_BAD_UID);
+    assert_int_equal(s_match("GET", "/dicom-web/studies/../metadata", &r, allow), KP_ROUTE_BAD_UID);
+    char longp[128] = "/dicom-web/studies/";
+    memset(longp + strlen(longp), '1', 65);
+    strcat(longp, "/metadata");
+    assert_int_equal(s_match("GET", longp, &r, allow), KP_ROUTE_BAD_UID);
+}
+
+static void test_error_body(void **state)
+{
+    (void)state;
+    kp_http_resp_t resp = {0};
+    kp_http_error(&resp, KP_ENOTFOUND, 0, "no such study", "1.2.3 \"quoted\"");
+    assert_int_equal(resp.status, 404);
+    assert_string_equal(resp.content_type, "application/json");
+    json_error_t je;
+    json_t *j = json_loadb(resp.body, resp.len, 0, &je);
+    assert_non_null(j);
+    json_t *e = json_object_get(j, "error");
+    assert_string_equal(json_string_value(json_object_get(e, "code")), "not_found");
+    assert_string_equal(json_string_value(json_object_get(e, "message")), "no such study");
+    assert_string_equal(json_string_value(json_object_get(e, "detail")), "1.2.3 \"quoted\"");
+    json_decref(j);
+    kp_http_error(&resp, KP_EINVAL, 405, "method not allowed", "\xff\xfe");
+    assert_int_equal(resp.status, 405);
+    assert_non_null(strstr(resp.body, "method_not_allowed"));
+    kp_http_error(&resp, KP_ETOOBIG, 431, NULL, NULL);
+    assert_int_equal(resp.status, 431);
+    assert_non_null(strstr(resp.body, "\"too_large\""));
+    kp_http_resp_clear(&resp);
+    assert_null(resp.body);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matching),
+        cmocka_unit_test(test_not_found_bad_method_bad_uid),
+        cmocka_unit_test(test_error_body),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
