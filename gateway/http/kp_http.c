@@ -12,7 +12,7 @@ void kp_http_error(kp_http_resp_t *resp, int code, int status, const char *messa
 {
     free(resp->body);
     resp->status = status > 0 ? status : kp_error_http(code);
-    const char *slug = status == 405 ? "method_not_allowed" : kp_error_slug(code);
+    const char *slug = kp_error_slug(code);
     json_t *e =
         json_pack("{s:s, s:s}", "code", slug, "message", message ? message : kp_strerror(code));
     if (!e) abort();

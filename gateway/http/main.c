@@ -345,12 +345,12 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     for (size_t i = 0; i < req->headers.size; i++)
         hsize += req->headers.entries[i].name->len + req->headers.entries[i].value.len + 4;
     if (hsize > (size_t)s_g.cfg->http_max_header_kb * 1024) {
-        s_respond_error(req, KP_ETOOBIG, 431, "request headers too large", NULL, NULL);
+        s_respond_error(req, KP_EHEADERS, 0, NULL, NULL, NULL);
         return 0;
     }
     char method[12];
     if (req->method.len >= sizeof method) {
-        s_respond_error(req, KP_EINVAL, 405, "method not allowed", NULL, NULL);
+        s_respond_error(req, KP_EMETHOD, 0, NULL, NULL, NULL);
         return 0;
     }
     memcpy(method, req->method.base, req->method.len);
@@ -369,7 +369,7 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
             s_respond_error(req, KP_EINVAL, 0, "invalid UID in the path",
                             "UIDs are digits and dots, at most 64 characters", NULL);
         else
-            s_respond_error(req, KP_EINVAL, 405, "method not allowed", NULL, allow);
+            s_respond_error(req, KP_EMETHOD, 0, NULL, NULL, allow);
         return 0;
     }
     /* Permissions: authentication is not built yet; http.dev_allow_all lets everything in. */
