@@ -104,10 +104,12 @@ FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 fuzz:
 	$(MAKE) BUILD=build/fuzz CC=clang CXX=clang++ SANITIZER=fuzzer-no-link,address,undefined OPT=-O1 build/fuzz/libkp.a
 	@mkdir -p build/fuzz/bin
-	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); echo "fuzzer $$n"; \
-	  clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCLUDES) $(PKG_CFLAGS) \
-	    -c $$f -o build/fuzz/$$n.o && \
-	  clang++ -fsanitize=fuzzer,address,undefined build/fuzz/$$n.o build/fuzz/libkp.a \
+	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); echo "fuzzer $$n"; extra=""; \
+	  case $$n in fuzz_qido) extra=gateway/http/kp_qido.c;; esac; objs=""; \
+	  for x in $$f $$extra; do o=build/fuzz/$$(basename $$x .c).o; objs="$$objs $$o"; \
+	    clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCLUDES) \
+	      -Igateway/http $(PKG_CFLAGS) -c $$x -o $$o || exit 1; done; \
+	  clang++ -fsanitize=fuzzer,address,undefined $$objs build/fuzz/libkp.a \
 	    -o build/fuzz/bin/$$n -pthread $(LDLIBS) || exit 1; done
 
 # A bounded fuzzing session per driver over a scratch copy of its seed corpus (CI runs it).
