@@ -70,6 +70,8 @@ $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
 UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o)
+UNIT_EXTRA_test_find_sql := $(BUILD)/obj/gateway/dimse/kp_find_sql.o
+$(BUILD)/obj/tests/unit/dimse/%.o: CFLAGS += -Igateway/dimse
 
 define PROGRAM_RULE
 $(BUILD)/bin/$(call prog_name,$1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard $(call prog_dir,$1)/*.c)) $(LIBKP)

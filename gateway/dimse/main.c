@@ -1,8 +1,9 @@
 /* pacs-dicomd: the DICOM daemon (DIMSE service provider).
  *
- * Serves C-ECHO and C-STORE through the DCMTK shim (lib/dicom). Each association runs on its own
- * thread; a C-STORE dataset is received bit-preserving straight into a temp file, and then the
- * durability rule of ARCHITECTURE section 3 is applied before the response is sent:
+ * Serves C-ECHO, C-STORE and C-FIND (kp_find.c) through the DCMTK shim (lib/dicom). Each
+ * association runs on its own thread; a C-STORE dataset is received bit-preserving straight into a
+ * temp file, and then the durability rule of ARCHITECTURE section 3 is applied before the response
+ * is sent:
  *
  *   association thread                      committer thread (one)
  *   ------------------                      ----------------------
@@ -22,6 +23,7 @@
 #include "kp_db.h"
 #include "kp_dicom.h"
 #include "kp_errors.h"
+#include "kp_find.h"
 #include "kp_log.h"
 #include "kp_msg.h"
 #include "kp_storage.h"
@@ -51,6 +53,7 @@ static struct {
     kp_storage_t *st;
     kp_db_t *db;
     kp_bus_t *bus;
+    kp_find_t *find; /* C-FIND service, its own database connections */
     pthread_mutex_t mu;
     pthread_cond_t work;  /* committer waits for items */
     pthread_cond_t ready; /* association threads wait for their group */
@@ -359,6 +362,8 @@ int main(int argc, char **argv)
     if (!s_d.db) goto done;
     s_d.bus = kp_bus_new(s_d.cfg, "dicomd");
     if (!s_d.bus) goto done;
+    s_d.find = kp_find_new(s_d.cfg, (int)s_d.cfg->dicom_max_associations);
+    if (!s_d.find) goto done;
     if (pthread_create(&committer, NULL, s_committer, NULL)) goto done;
     committer_started = true;
 
@@ -372,7 +377,8 @@ int main(int argc, char **argv)
         .tmp_dir = kp_storage_tmpdir(s_d.st),
         .on_store = s_on_store,
         .on_assoc = s_on_assoc,
-        .user = NULL,
+        .on_find = kp_find_handle,
+        .user = s_d.find,
         .stop = &s_stop,
     };
     kp_info("main", "listening as %s on port %ld (storage %s)", s_d.cfg->dicom_ae_title,
@@ -387,6 +393,7 @@ done:
         pthread_mutex_unlock(&s_d.mu);
         pthread_join(committer, NULL);
     }
+    kp_find_destroy(&s_d.find);
     kp_bus_destroy(&s_d.bus);
     kp_db_destroy(&s_d.db);
     kp_storage_destroy(&s_d.st);

@@ -14,6 +14,10 @@
  *    listening socket is out of reach) hands each association to a DcmThreadSCP subclass on
  *    its own std::thread. C-STORE is received with receiveSTORERequest(..., filename), i.e.
  *    straight into a Part 10 file, then the C callback decides the status we send back.
+ *  - C-FIND: the identifier is converted to UTF-8 and handed to the C callback as a flat key
+ *    list; the callback fills result data sets (copies of the request with its values
+ *    cleared) through kp_dicom_find_add_result/_set; we then send them as Pending responses,
+ *    checking for a C-CANCEL (DcmSCP::checkForCANCEL, non-blocking) before each one.
  *  - DCMTK's oflog output is routed into kp_log (category "dcmtk"): DCMTK errors become our
  *    warnings, DCMTK warnings our debug lines (real-world files trigger many of them). */
 #include <dcmtk/config/osconfig.h>
@@ -48,6 +52,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -756,6 +761,95 @@ const char *const s_storage_xfers[] = {
     UID_HEVCMain10ProfileLevel5_1TransferSyntax,
 };
 
+} // namespace
+
+/* C-FIND results: the request's keys (zero-length) as a template, one data set per match. */
+struct kp_dicom_find_results {
+    DcmDataset tmpl;
+    std::vector<std::unique_ptr<DcmDataset>> rows;
+    std::string comment;
+};
+
+extern "C" int kp_dicom_find_add_result(kp_dicom_find_results_t *out)
+{
+    if (!out) return KP_EINVAL;
+    try {
+        out->rows.emplace_back(new DcmDataset(out->tmpl));
+        return KP_OK;
+    } catch (const std::bad_alloc &) {
+        return KP_ENOMEM;
+    } catch (...) {
+        return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_find_set(kp_dicom_find_results_t *out, uint32_t tag, const char *text)
+{
+    if (!out || out->rows.empty()) return KP_EINVAL;
+    try {
+        DcmDataset *ds = out->rows.back().get();
+        const DcmTagKey key = s_key(tag);
+        DcmElement *el = nullptr;
+        if (ds->findAndGetElement(key, el, OFFalse).bad() || !el) {
+            DcmTag t(key);
+            if (t.getEVR() == EVR_UNKNOWN || t.getEVR() == EVR_UN || t.getEVR() == EVR_SQ)
+                return KP_EINVAL;
+            if (ds->insertEmptyElement(t, OFTrue).bad() ||
+                ds->findAndGetElement(key, el, OFFalse).bad() || !el)
+                return KP_EINVAL;
+        }
+        if (el->ident() == EVR_SQ || el->ident() == EVR_pixelSQ) return KP_EINVAL;
+        OFCondition c = el->putString(text ? text : "");
+        if (c.bad()) {
+            el->clear();
+            return KP_EINVAL;
+        }
+        return KP_OK;
+    } catch (const std::bad_alloc &) {
+        return KP_ENOMEM;
+    } catch (...) {
+        return KP_EINTERNAL;
+    }
+}
+
+extern "C" void kp_dicom_find_set_comment(kp_dicom_find_results_t *out, const char *text)
+{
+    if (!out) return;
+    try {
+        out->comment = text ? text : "";
+        if (out->comment.size() > 64) out->comment.resize(64);
+    } catch (...) {
+    }
+}
+
+namespace
+{
+
+/* Text of a C-FIND key as the C side sees it: UTF-8, spaces around each value trimmed. */
+std::string s_find_key_text(DcmElement *el)
+{
+    if (el->ident() == EVR_SQ || el->ident() == EVR_pixelSQ) return "";
+    const char *vr = DcmVR(el->getVR()).getValidVRName();
+    if (s_is_binary_vr(vr) || el->getLengthField() == 0) return "";
+    OFString value;
+    if (el->getOFStringArray(value, OFTrue).bad()) return "";
+    std::string in(value.c_str(), value.length()), out;
+    size_t start = 0;
+    for (;;) { /* trim every value of a multi-valued string */
+        size_t end = in.find('\\', start);
+        std::string v =
+            in.substr(start, end == std::string::npos ? std::string::npos : end - start);
+        size_t a = v.find_first_not_of(" \t\r\n");
+        size_t b = v.find_last_not_of(" \t\r\n\0");
+        if (!out.empty() || start > 0) out.push_back('\\');
+        if (a != std::string::npos) out += v.substr(a, b - a + 1);
+        if (end == std::string::npos) break;
+        start = end + 1;
+    }
+    if (out.find_first_not_of('\\') == std::string::npos) out.clear();
+    return s_utf8_sanitize(out);
+}
+
 /* One association: a DcmThreadSCP whose command loop and C-STORE handling are ours. */
 class KpAssocSCP : public DcmThreadSCP
 {
@@ -801,6 +895,13 @@ class KpAssocSCP : public DcmThreadSCP
                 m_assoc->params, const_cast<const char **>(dcmAllStorageSOPClassUIDs),
                 numberOfDcmAllStorageSOPClassUIDs, const_cast<const char **>(s_storage_xfers),
                 static_cast<int>(sizeof s_storage_xfers / sizeof s_storage_xfers[0]));
+        if (c.good() && m_cfg->on_find) {
+            const char *find[] = {UID_FINDPatientRootQueryRetrieveInformationModel,
+                                  UID_FINDStudyRootQueryRetrieveInformationModel};
+            c = ASC_acceptContextsWithPreferredTransferSyntaxes(
+                m_assoc->params, find, 2, const_cast<const char **>(echo_xfers), 3);
+            if (c.good()) s_negotiate_find_extended();
+        }
         if (c.bad()) kp_warn(CAT, "negotiating presentation contexts failed: %s", c.text());
         return c;
     }
@@ -869,6 +970,8 @@ class KpAssocSCP : public DcmThreadSCP
                                       const DcmPresentationContextInfo &info) override
     {
         if (msg->CommandField == DIMSE_C_STORE_RQ) return s_store(msg->msg.CStoreRQ, info);
+        if (msg->CommandField == DIMSE_C_FIND_RQ && m_cfg->on_find)
+            return s_find(msg->msg.CFindRQ, info);
         return DcmThreadSCP::handleIncomingCommand(msg, info);
     }
 
@@ -917,6 +1020,142 @@ class KpAssocSCP : public DcmThreadSCP
         return sendSTOREResponse(pres_id, rq, status);
     }
 
+    /* Extended negotiation of the FIND SOP classes (PS3.4 C.5.1.1): byte 2 is combined
+     * date-time matching, which we support; relational queries (byte 1) and the other
+     * options are answered 0 (not supported). */
+    void s_negotiate_find_extended()
+    {
+        SOPClassExtendedNegotiationSubItemList *req = nullptr;
+        ASC_getRequestedExtNegList(m_assoc->params, &req);
+        if (!req || req->empty()) return;
+        SOPClassExtendedNegotiationSubItemList *acc = new SOPClassExtendedNegotiationSubItemList;
+        for (SOPClassExtendedNegotiationSubItem *item : *req) {
+            if (item->sopClassUID != UID_FINDPatientRootQueryRetrieveInformationModel &&
+                item->sopClassUID != UID_FINDStudyRootQueryRetrieveInformationModel)
+                continue;
+            SOPClassExtendedNegotiationSubItem *a = new SOPClassExtendedNegotiationSubItem;
+            a->sopClassUID = item->sopClassUID;
+            a->serviceClassAppInfoLength = 2;
+            a->serviceClassAppInfo = new unsigned char[2];
+            a->serviceClassAppInfo[0] = 0;
+            a->serviceClassAppInfo[1] =
+                item->serviceClassAppInfoLength >= 2 && item->serviceClassAppInfo[1] == 1 ? 1 : 0;
+            if (a->serviceClassAppInfo[1]) m_combined_datetime.insert(item->sopClassUID.c_str());
+            acc->push_back(a);
+        }
+        if (acc->empty()) {
+            delete acc;
+            return;
+        }
+        ASC_setAcceptedExtNegList(m_assoc->params, acc); /* the association owns it now */
+    }
+
+    OFCondition s_find(T_DIMSE_C_FindRQ &rq, const DcmPresentationContextInfo &info)
+    {
+        const T_ASC_PresentationContextID pres_id = info.presentationContextID;
+        DcmDataset *raw = nullptr;
+        OFCondition c = receiveFINDRequest(rq, pres_id, raw);
+        if (c.bad()) {
+            delete raw;
+            kp_warn(CAT, "C-FIND from %s: receiving the identifier failed: %s", m_peer.c_str(),
+                    c.text());
+            return c;
+        }
+        std::unique_ptr<DcmDataset> ds(raw);
+        const OFString sop_class = rq.AffectedSOPClassUID;
+        kp_dicom_find_results_t res;
+        Uint16 status = 0;
+        int model = sop_class == UID_FINDPatientRootQueryRetrieveInformationModel ? 1
+                    : sop_class == UID_FINDStudyRootQueryRetrieveInformationModel ? 2
+                                                                                  : 0;
+        if (!model || info.abstractSyntax != sop_class) {
+            status = STATUS_FIND_Refused_SOPClassNotSupported;
+            res.comment = "SOP class not supported for C-FIND";
+        }
+        OFString cs;
+        if (!status && ds->findAndGetOFStringArray(DCM_SpecificCharacterSet, cs).good() &&
+            !cs.empty() && cs != "ISO_IR 192" && cs != "ISO_IR 6") {
+            if (ds->convertToUTF8().bad()) {
+                kp_warn(CAT, "C-FIND from %s: cannot convert character set '%s' to UTF-8",
+                        m_calling.c_str(), cs.c_str());
+                status = STATUS_FIND_Failed_UnableToProcess;
+                res.comment = "Specific Character Set not supported";
+            }
+        }
+        if (!status) {
+            std::string level;
+            bool has_level = false;
+            std::vector<std::string> texts;
+            std::vector<kp_dicom_find_key_t> keys;
+            texts.reserve(ds->card());
+            for (unsigned long i = 0; i < ds->card(); i++) {
+                DcmElement *el = ds->getElement(i);
+                if (!el) continue;
+                const DcmTagKey k = el->getTag().getXTag();
+                if (k.getElement() == 0 || k.getGroup() <= 0x0002) continue;
+                if (k == DCM_QueryRetrieveLevel) {
+                    has_level = true;
+                    level = s_find_key_text(el);
+                    continue;
+                }
+                if (k == DCM_SpecificCharacterSet) continue;
+                texts.push_back(s_find_key_text(el));
+                kp_dicom_find_key_t key;
+                key.tag = (static_cast<uint32_t>(k.getGroup()) << 16) | k.getElement();
+                snprintf(key.vr, sizeof key.vr, "%s", DcmVR(el->getVR()).getValidVRName());
+                key.value = nullptr;
+                keys.push_back(key);
+            }
+            for (size_t i = 0; i < keys.size(); i++)
+                keys[i].value = texts[i].c_str();
+            /* the template every result starts from: the request's keys, zero-length */
+            res.tmpl = *ds;
+            for (unsigned long i = 0; i < res.tmpl.card(); i++) {
+                DcmElement *el = res.tmpl.getElement(i);
+                if (el) el->clear();
+            }
+            res.tmpl.putAndInsertString(DCM_SpecificCharacterSet, "ISO_IR 192");
+            res.tmpl.putAndInsertString(DCM_QueryRetrieveLevel, level.c_str());
+            res.tmpl.putAndInsertString(DCM_RetrieveAETitle, m_cfg->ae_title);
+
+            kp_dicom_find_req_t req;
+            req.calling_ae = m_calling.c_str();
+            req.called_ae = m_called.c_str();
+            req.peer_host = m_peer.c_str();
+            req.model = model;
+            req.level = has_level ? level.c_str() : nullptr;
+            req.combined_datetime = m_combined_datetime.count(sop_class.c_str()) ? 1 : 0;
+            req.keys = keys.empty() ? nullptr : keys.data();
+            req.nkeys = keys.size();
+            status = static_cast<Uint16>(m_cfg->on_find(m_cfg->user, &req, &res));
+        }
+        size_t sent = 0;
+        for (auto &row : res.rows) {
+            c = checkForCANCEL(pres_id, rq.MessageID);
+            if (c.good()) {
+                kp_info(CAT, "C-FIND from %s cancelled after %zu of %zu responses",
+                        m_calling.c_str(), sent, res.rows.size());
+                status = STATUS_FIND_Cancel_MatchingTerminatedDueToCancelRequest;
+                res.comment.clear();
+                break;
+            }
+            if (c != DIMSE_NODATAAVAILABLE) {
+                kp_warn(CAT, "C-FIND from %s: unexpected message while sending results: %s",
+                        m_calling.c_str(), c.text());
+                return c;
+            }
+            c = sendFINDResponse(pres_id, rq.MessageID, sop_class, row.get(),
+                                 STATUS_FIND_Pending_MatchesAreContinuing);
+            if (c.bad()) return c;
+            sent++;
+        }
+        DcmDataset detail;
+        bool with_detail = !res.comment.empty() && (status & 0xF000) != 0xF000 && status != 0;
+        if (with_detail) detail.putAndInsertString(DCM_ErrorComment, res.comment.c_str());
+        return sendFINDResponse(pres_id, rq.MessageID, sop_class, nullptr, status,
+                                with_detail ? &detail : nullptr);
+    }
+
     Uint32 s_dimse_timeout() const
     {
         return m_cfg->dimse_timeout > 0 ? static_cast<Uint32>(m_cfg->dimse_timeout) : 60;
@@ -926,6 +1165,7 @@ class KpAssocSCP : public DcmThreadSCP
     const std::atomic<bool> *m_abort; /* set when kp_dicom_scp_run() fails and must wind up */
     T_ASC_Association *m_assoc = nullptr;
     std::string m_calling, m_called, m_peer;
+    std::set<std::string> m_combined_datetime; /* FIND SOP classes negotiated with it */
     int m_decision = 0;
 };
 

@@ -79,7 +79,7 @@ int kp_dicom_pixel_location(kp_dicom_file_t *f, int64_t *offset, int64_t *length
  * uri_prefix may be NULL (treated as ""). */
 char *kp_dicom_json(kp_dicom_file_t *f, const char *uri_prefix, size_t bulk_threshold);
 
-/* ---- Storage SCP (C-ECHO + C-STORE) ---- */
+/* ---- Storage and Query SCP (C-ECHO, C-STORE, C-FIND) ---- */
 
 typedef struct {
     const char *calling_ae, *called_ae, *peer_host; /* peer_host: IP address, no DNS lookup */
@@ -100,6 +100,52 @@ typedef unsigned (*kp_dicom_store_fn)(void *user, const kp_dicom_store_req_t *re
 typedef int (*kp_dicom_assoc_fn)(void *user, const char *calling_ae, const char *called_ae,
                                  const char *peer_host);
 
+/* ---- Query SCP (C-FIND) ---- */
+
+/* Information models (the SOP class of the presentation context). */
+#define KP_DICOM_FIND_PATIENT_ROOT 1 /* 1.2.840.10008.5.1.4.1.2.1.1 */
+#define KP_DICOM_FIND_STUDY_ROOT   2 /* 1.2.840.10008.5.1.4.1.2.2.1 */
+
+/* One top-level attribute of a C-FIND identifier. value is UTF-8 (the identifier is converted
+ * from its Specific Character Set first), leading and trailing spaces removed, multiple values
+ * joined by '\\' as DICOM encodes them; "" for a zero-length (universal / return) key. Sequence
+ * keys are passed with vr "SQ" and value "" (sequence matching is not supported). */
+typedef struct {
+    uint32_t tag;
+    char vr[3];
+    const char *value;
+} kp_dicom_find_key_t;
+
+typedef struct {
+    const char *calling_ae, *called_ae, *peer_host;
+    int model;                       /* KP_DICOM_FIND_PATIENT_ROOT or KP_DICOM_FIND_STUDY_ROOT */
+    const char *level;               /* QueryRetrieveLevel as sent (trimmed); NULL when absent */
+    int combined_datetime;           /* 1 when the SCU negotiated combined date-time matching */
+    const kp_dicom_find_key_t *keys; /* every other top-level key (never 0008,0005/0008,0052) */
+    size_t nkeys;
+} kp_dicom_find_req_t;
+
+typedef struct kp_dicom_find_results kp_dicom_find_results_t; /* opaque, owned by the shim */
+
+/* Starts a new result (a C-FIND-RSP Pending identifier). Every key of the request is in it,
+ * zero-length, plus QueryRetrieveLevel, SpecificCharacterSet "ISO_IR 192" and RetrieveAETitle.
+ * 0 or KP_ENOMEM. */
+int kp_dicom_find_add_result(kp_dicom_find_results_t *out);
+/* Sets an attribute of the current result to text (UTF-8, values joined by '\\'); NULL or ""
+ * leaves it zero-length. A tag the request did not ask for is added with its dictionary VR.
+ * 0, KP_EINVAL (no current result, unknown tag, a value the VR cannot hold) or KP_ENOMEM. */
+int kp_dicom_find_set(kp_dicom_find_results_t *out, uint32_t tag, const char *text);
+/* Error Comment (0000,0902) sent with the final response (at most 64 characters are kept). */
+void kp_dicom_find_set_comment(kp_dicom_find_results_t *out, const char *text);
+
+/* Called on an association thread for every C-FIND; adds its matches to out and returns the
+ * final status: 0x0000 (every match is sent as Pending, then Success), or a failure (0xA700,
+ * 0xA900, 0xC000, 0x0124 ...): the matches added so far are still sent as Pending first (used
+ * when a result limit is hit). A C-CANCEL between two Pending responses stops the sending with
+ * status 0xFE00. Called concurrently from several threads; req is borrowed for the call. */
+typedef unsigned (*kp_dicom_find_fn)(void *user, const kp_dicom_find_req_t *req,
+                                     kp_dicom_find_results_t *out);
+
 typedef struct {
     const char *ae_title; /* our AE title, sent back in the A-ASSOCIATE-AC */
     int port;             /* 1..65535 */
@@ -110,6 +156,7 @@ typedef struct {
     const char *tmp_dir;  /* where received files are written (same filesystem as storage) */
     kp_dicom_store_fn on_store;
     kp_dicom_assoc_fn on_assoc;
+    kp_dicom_find_fn on_find; /* may be NULL: the C-FIND SOP classes are then not accepted */
     void *user;
     volatile int *stop; /* run until *stop becomes non-zero */
 } kp_dicom_scp_config_t;
@@ -117,7 +164,9 @@ typedef struct {
 /* Listens on all addresses (sockets FD_CLOEXEC) and serves up to max_associations associations
  * at once, one thread each, accepting every storage SOP class DCMTK knows plus Verification, in
  * uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, RLE, MPEG-2/4 and HEVC transfer syntaxes
- * (uncompressed preferred when the SCU offers a choice). Data sets are received straight into
+ * (uncompressed preferred when the SCU offers a choice), and, when on_find is set, the Patient
+ * Root and Study Root FIND SOP classes in uncompressed syntaxes (extended negotiation: combined
+ * date-time matching accepted, relational queries refused). Data sets are received straight into
  * a file, bit for bit, never parsed in memory. A transfer that breaks off leaves no file and
  * no on_store call. Sets DCMTK's process-wide socket timeouts to dimse_timeout (when > 0) and
  * turns off its reverse DNS lookups.

@@ -1109,6 +1109,150 @@ static int s_group_teardown(void **state)
     return system(cmd) == 0 ? 0 : -1;
 }
 
+/* ---- C-FIND through the shim: the C callback sees the identifier in UTF-8, its results go
+ * back as Pending responses, its final status and Error Comment as the last response. */
+typedef struct {
+    pthread_mutex_t mu;
+    int calls, model, nkeys, combined;
+    char level[16], name[64], calling[20];
+    unsigned status; /* what the callback returns */
+    int nresults;
+} find_ctx_t;
+
+static unsigned s_on_find(void *user, const kp_dicom_find_req_t *req, kp_dicom_find_results_t *out)
+{
+    find_ctx_t *c = user;
+    pthread_mutex_lock(&c->mu);
+    c->calls++;
+    c->model = req->model;
+    c->combined = req->combined_datetime;
+    c->nkeys = (int)req->nkeys;
+    snprintf(c->level, sizeof c->level, "%s", req->level ? req->level : "(null)");
+    snprintf(c->calling, sizeof c->calling, "%s", req->calling_ae);
+    c->name[0] = 0;
+    for (size_t i = 0; i < req->nkeys; i++)
+        if (req->keys[i].tag == 0x00100010)
+            snprintf(c->name, sizeof c->name, "%s", req->keys[i].value);
+    for (int i = 0; i < c->nresults; i++) {
+        char uid[64];
+        snprintf(uid, sizeof uid, "1.2.3.%d", i + 1);
+        assert_int_equal(kp_dicom_find_add_result(out), 0);
+        assert_int_equal(kp_dicom_find_set(out, 0x0020000D, uid), 0);
+        assert_int_equal(kp_dicom_find_set(out, 0x00100010, "Мюллер^Jürgen"), 0);
+        assert_int_equal(kp_dicom_find_set(out, 0x00201208, "12"), 0); /* not requested: added */
+        assert_int_equal(kp_dicom_find_set(out, 0x00080061, "CT\\MR"), 0);
+    }
+    assert_int_equal(kp_dicom_find_set(out, 0x7777FF01, "x"), KP_EINVAL); /* unknown tag */
+    kp_dicom_find_set_comment(out, c->status ? "test comment" : NULL);
+    unsigned st = c->status;
+    pthread_mutex_unlock(&c->mu);
+    return st;
+}
+
+static unsigned s_on_store_none(void *user, const kp_dicom_store_req_t *req)
+{
+    (void)user;
+    unlink(req->tmp_path);
+    return 0;
+}
+
+/* Runs findscu -X into dir; returns its output (malloc'd). */
+static char *s_findscu(int port, const char *dir, const char *args)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "rm -f '%s'/rsp*; TCP_NODELAY=1 findscu -d -aet FINDER -aec KLINIKA -X -od '%s' %s "
+             "127.0.0.1 %d 2>&1",
+             dir, dir, args, port);
+    return s_run(cmd, NULL, NULL);
+}
+
+static void test_scp_find(void **state)
+{
+    (void)state;
+    if (!s_have_data() || system("command -v findscu >/dev/null 2>&1") != 0) skip();
+    static find_ctx_t fc;
+    memset(&fc, 0, sizeof fc);
+    pthread_mutex_init(&fc.mu, NULL);
+    char tmp_dir[512], out_dir[512];
+    snprintf(tmp_dir, sizeof tmp_dir, "%s/find-incoming", s_tmp);
+    snprintf(out_dir, sizeof out_dir, "%s/find-rsp", s_tmp);
+    assert_int_equal(mkdir(tmp_dir, 0700), 0);
+    assert_int_equal(mkdir(out_dir, 0700), 0);
+    static scp_run_t run;
+    memset(&run, 0, sizeof run);
+    const int port = 23000 + (int)(getpid() % 1000);
+    run.cfg = (kp_dicom_scp_config_t){.ae_title = "KLINIKA",
+                                      .port = port,
+                                      .max_associations = 2,
+                                      .acse_timeout = 5,
+                                      .dimse_timeout = 10,
+                                      .tmp_dir = tmp_dir,
+                                      .on_store = s_on_store_none,
+                                      .on_find = s_on_find,
+                                      .user = &fc,
+                                      .stop = &run.stop};
+    assert_int_equal(pthread_create(&run.th, NULL, s_scp_thread, &run), 0);
+    int rc = -1;
+    for (int i = 0; i < 50 && rc != 0; i++) {
+        rc = s_echoscu(port);
+        if (rc != 0) usleep(100 * 1000);
+    }
+    assert_int_equal(rc, 0);
+
+    /* Latin-1 identifier: converted to UTF-8 before the callback sees it */
+    fc.nresults = 3;
+    fc.status = 0;
+    char *out =
+        s_findscu(port, out_dir,
+                  "-S -k QueryRetrieveLevel=STUDY -k 'SpecificCharacterSet=ISO_IR 100' "
+                  "-k \"PatientName=$(printf 'M\\374ller*')\" -k StudyInstanceUID -k StudyDate");
+    assert_int_equal(fc.calls, 1);
+    assert_int_equal(fc.model, KP_DICOM_FIND_STUDY_ROOT);
+    assert_string_equal(fc.level, "STUDY");
+    assert_string_equal(fc.calling, "FINDER");
+    assert_string_equal(fc.name, "M\xc3\xbcller*");
+    assert_int_equal(fc.nkeys, 3); /* PatientName, StudyInstanceUID, StudyDate */
+    assert_int_equal(fc.combined, 0);
+    if (!strstr(out, "DIMSE Status                  : 0x0000")) fail_msg("%s", out);
+    free(out);
+    assert_int_equal(s_count_files(out_dir, "rsp"), 3);
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "dcmdump -q '%s/rsp0002.dcm'", out_dir);
+    out = s_run(cmd, NULL, NULL);
+    if (!strstr(out, "(0008,0005) CS [ISO_IR 192]") || !strstr(out, "[1.2.3.2]") ||
+        !strstr(out, "(0008,0052) CS [STUDY]") || !strstr(out, "(0008,0054) AE [KLINIKA]") ||
+        !strstr(out, "\xd0\x9c\xd1\x8e\xd0\xbb\xd0\xbb\xd0\xb5\xd1\x80^J\xc3\xbcrgen") ||
+        !strstr(out, "(0020,1208) IS [12]") || !strstr(out, "[CT\\MR]") ||
+        !strstr(out, "(0008,0020) DA (no value available)"))
+        fail_msg("unexpected response:\n%s", out);
+    free(out);
+
+    /* a failure after some matches: those are sent as Pending, then the failure + comment */
+    fc.nresults = 2;
+    fc.status = 0xA700;
+    out = s_findscu(port, out_dir, "-P -k QueryRetrieveLevel=PATIENT -k PatientID");
+    assert_int_equal(fc.model, KP_DICOM_FIND_PATIENT_ROOT);
+    assert_string_equal(fc.level, "PATIENT");
+    if (!strstr(out, "0xa700") || !strstr(out, "[test comment]")) fail_msg("%s", out);
+    free(out);
+    assert_int_equal(s_count_files(out_dir, "rsp"), 2);
+
+    /* no QueryRetrieveLevel: the callback decides (level NULL) */
+    fc.nresults = 0;
+    fc.status = 0xA900;
+    out = s_findscu(port, out_dir, "-S -k PatientName=X");
+    assert_string_equal(fc.level, "(null)");
+    if (!strstr(out, "0xa900")) fail_msg("%s", out);
+    free(out);
+    assert_int_equal(s_echoscu(port), 0);
+
+    run.stop = 1;
+    pthread_join(run.th, NULL);
+    assert_int_equal(run.rc, 0);
+    pthread_mutex_destroy(&fc.mu);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1122,6 +1266,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_json_does_not_read_pixels, s_setup, s_teardown),
         cmocka_unit_test_setup_teardown(test_scp, s_setup, s_teardown),
         cmocka_unit_test_setup_teardown(test_scp_stop_with_idle_association, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_scp_find, s_setup, s_teardown),
     };
     return cmocka_run_group_tests(tests, s_group_setup, s_group_teardown);
 }

@@ -1,0 +1,169 @@
+/* kp_find: the C-FIND service of pacs-dicomd (see kp_find.h).
+ *
+ * Statuses (PS3.4 C.4.1.1.4, PS3.7 C): every match is sent as Pending (FF00) by the shim, then
+ *   0000  matching complete
+ *   A700  out of resources: the database is unavailable, or more than dicom.find_max_results
+ *         matches (the first find_max_results are sent, then A700 with an Error Comment)
+ *   A900  identifier does not match the SOP class: QueryRetrieveLevel missing or invalid for
+ *         the model, unique key of a level above missing (kp_find_sql)
+ *   C000  unable to process: identifier too large to translate
+ *   0124  not authorized: dicom.find_require_registered and the calling AE is not in the
+ *         modality registry with allow_find
+ * Codes go through the error catalogue (kp_error_dimse), never by hand. */
+#include "kp_find.h"
+
+#include "kp_db.h"
+#include "kp_errors.h"
+#include "kp_find_sql.h"
+#include "kp_log.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CAT "find"
+
+struct kp_find {
+    const kp_config_t *cfg;
+    pthread_mutex_t mu;
+    kp_db_t **idle;
+    int nidle, cap;
+};
+
+kp_find_t *kp_find_new(const kp_config_t *cfg, int max_conns)
+{
+    kp_find_t *f = calloc(1, sizeof *f);
+    if (!f) return NULL;
+    f->cfg = cfg;
+    f->cap = max_conns > 0 ? max_conns : 1;
+    f->idle = calloc((size_t)f->cap, sizeof *f->idle);
+    if (!f->idle) {
+        free(f);
+        return NULL;
+    }
+    pthread_mutex_init(&f->mu, NULL);
+    return f;
+}
+
+void kp_find_destroy(kp_find_t **fp)
+{
+    if (!fp || !*fp) return;
+    kp_find_t *f = *fp;
+    for (int i = 0; i < f->nidle; i++)
+        kp_db_destroy(&f->idle[i]);
+    free(f->idle);
+    pthread_mutex_destroy(&f->mu);
+    free(f);
+    *fp = NULL;
+}
+
+static kp_db_t *s_acquire(kp_find_t *f)
+{
+    kp_db_t *db = NULL;
+    pthread_mutex_lock(&f->mu);
+    if (f->nidle > 0) db = f->idle[--f->nidle];
+    pthread_mutex_unlock(&f->mu);
+    if (db) return db;
+    int err = 0;
+    return kp_db_connect(f->cfg->db_conninfo, 5, true, &err);
+}
+
+static void s_release(kp_find_t *f, kp_db_t *db)
+{
+    if (!db) return;
+    pthread_mutex_lock(&f->mu);
+    if (f->nidle < f->cap) {
+        f->idle[f->nidle++] = db;
+        db = NULL;
+    }
+    pthread_mutex_unlock(&f->mu);
+    kp_db_destroy(&db);
+}
+
+/* 0 when the calling AE may query, KP_EPERM when not, KP_EDB when the registry cannot be read. */
+static int s_check_access(kp_db_t *db, const char *ae)
+{
+    PGresult *r = NULL;
+    const char *params[] = {ae};
+    int rc = kp_db_exec(db, &r, "SELECT allow_find FROM modalities WHERE ae_title = $1", 1, params);
+    if (rc) return rc;
+    rc = PQntuples(r) == 1 && !strcmp(PQgetvalue(r, 0, 0), "t") ? 0 : KP_EPERM;
+    PQclear(r);
+    return rc;
+}
+
+unsigned kp_find_handle(void *user, const kp_dicom_find_req_t *req, kp_dicom_find_results_t *out)
+{
+    kp_find_t *f = user;
+    const kp_config_t *cfg = f->cfg;
+    kp_find_sql_t q = {0};
+    kp_db_t *db = NULL;
+    PGresult *r = NULL;
+    char err[160] = "";
+    int rc = 0;
+    const char *ae = req->calling_ae ? req->calling_ae : "";
+    const long limit = cfg->dicom_find_max_results;
+    kp_find_sql_opts_t opts = {.fold_names = cfg->dicom_find_case_insensitive_names,
+                               .limit = limit};
+
+    db = s_acquire(f);
+    if (!db) {
+        rc = KP_EDB;
+        kp_dicom_find_set_comment(out, "database unavailable");
+        goto error;
+    }
+    if (cfg->dicom_find_require_registered && (rc = s_check_access(db, ae))) {
+        if (rc == KP_EPERM) {
+            kp_warn(CAT, "C-FIND from %s (%s) refused: not a registered AE with allow_find", ae,
+                    req->peer_host);
+            kp_dicom_find_set_comment(out, "calling AE title not allowed to query");
+        }
+        goto error;
+    }
+    rc = kp_find_sql_build(req, &opts, &q, err, sizeof err);
+    if (rc) {
+        kp_warn(CAT, "C-FIND from %s (%s) refused: %s", ae, req->peer_host, err);
+        kp_dicom_find_set_comment(out, err);
+        goto error;
+    }
+    rc = kp_db_exec(db, &r, q.sql, q.nparams, (const char *const *)q.params);
+    if (rc) {
+        kp_dicom_find_set_comment(out, "database query failed");
+        goto error;
+    }
+    int n = PQntuples(r);
+    int shown = n > limit ? (int)limit : n;
+    for (int i = 0; i < shown; i++) {
+        if ((rc = kp_dicom_find_add_result(out))) goto error;
+        for (int j = 0; j < q.ncols && j < PQnfields(r); j++) {
+            int src = kp_dicom_find_set(out, q.col_tags[j],
+                                        PQgetisnull(r, i, j) ? "" : PQgetvalue(r, i, j));
+            if (src == KP_ENOMEM) {
+                rc = src;
+                goto error;
+            }
+            if (src)
+                kp_debug(CAT, "C-FIND: value of (%04X,%04X) does not fit its VR; left empty",
+                         (unsigned)(q.col_tags[j] >> 16), (unsigned)(q.col_tags[j] & 0xFFFF));
+        }
+    }
+    if (n > limit) {
+        rc = KP_ETOOBIG;
+        snprintf(err, sizeof err, "more than %ld matches; refine the query", limit);
+        kp_warn(CAT, "C-FIND %s level from %s: %s (sent the first %ld)", q.level, ae, err, limit);
+        kp_dicom_find_set_comment(out, err);
+        goto error;
+    }
+    kp_info(CAT, "C-FIND %s level from %s (%s): %d match(es)", q.level, ae, req->peer_host, n);
+    PQclear(r);
+    s_release(f, db);
+    kp_find_sql_clear(&q);
+    return 0x0000;
+error:
+    if (rc != KP_ETOOBIG && rc != KP_EPERM && rc != KP_EMISMATCH && rc != KP_EINVAL)
+        kp_error(CAT, "C-FIND from %s failed: %s", ae, kp_strerror(rc));
+    PQclear(r);
+    s_release(f, db);
+    kp_find_sql_clear(&q);
+    return kp_error_dimse(rc);
+}

@@ -1,0 +1,44 @@
+/* kp_find_sql: C-FIND identifier -> one parameterised SQL query against the index.
+ *
+ * Pure translation (no database, no DCMTK), so that the matching rules of PS3.4 C.2.2.2 can be
+ * unit-tested on their own. The SQL text is assembled only from fixed fragments of this module
+ * (column expressions of a static key table, operators, $n placeholders); every value that
+ * comes from the identifier travels as a parameter. */
+#ifndef KP_FIND_SQL_H
+#define KP_FIND_SQL_H
+
+#include "kp_dicom.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    bool fold_names; /* person names matched case- and accent-insensitively (kp_fold) */
+    long limit;      /* most results wanted; the query asks for limit + 1 to detect more */
+} kp_find_sql_opts_t;
+
+typedef struct {
+    char *sql;          /* the statement (owned) */
+    int nparams;        /* number of $n parameters */
+    char **params;      /* their text values (owned) */
+    int ncols;          /* result columns, all text */
+    uint32_t *col_tags; /* attribute tag of each result column (owned) */
+    char level[8];      /* PATIENT, STUDY, SERIES or IMAGE */
+} kp_find_sql_t;
+
+/* Builds the query for req into *q (zeroed first). Returns 0, or KP_EMISMATCH when the
+ * identifier does not fit the information model (QueryRetrieveLevel missing or unknown, a
+ * unique key of a level above missing or not a single value: PS3.4 C.4.1.2.1), or KP_EINVAL
+ * for an identifier too large to translate; err (may be NULL) gets a short reason suitable
+ * for an Error Comment. On error *q holds nothing to free. */
+int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *opts,
+                      kp_find_sql_t *q, char *err, size_t errlen);
+/* Frees everything in *q and zeroes it; idempotent. */
+void kp_find_sql_clear(kp_find_sql_t *q);
+
+/* A DICOM wildcard value (* and ?) as a LIKE pattern with '\\' escaping %, _ and '\\'.
+ * Returns a malloc'd string. Exposed for the unit tests. */
+char *kp_find_sql_like(const char *value);
+
+#endif
