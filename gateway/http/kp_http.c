@@ -43,5 +43,6 @@ void kp_http_req_clear(kp_http_req_t *req)
     free(req->path);
     free(req->query);
     free(req->if_none_match);
+    free(req->accept);
     memset(req, 0, sizeof *req);
 }

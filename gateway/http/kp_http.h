@@ -13,7 +13,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define KP_HTTP_MAX_PARAMS 3
+#define KP_HTTP_MAX_PARAMS 4
 
 struct kp_route;
 
@@ -22,14 +22,16 @@ typedef struct kp_http_req {
     char *path;          /* normalised path without the query (owned) */
     char *query;         /* raw text after '?', or NULL (owned) */
     char *if_none_match; /* If-None-Match header value, or NULL (owned) */
+    char *accept;        /* Accept header value, or NULL (owned) */
     const struct kp_route *route;
-    char params[KP_HTTP_MAX_PARAMS][65]; /* the {uid} segments of the path, in order */
+    char params[KP_HTTP_MAX_PARAMS][65]; /* the {uid} / {frames} segments of the path */
     int nparams;
 } kp_http_req_t;
 
 typedef struct kp_http_resp {
     int status;
-    const char *content_type; /* static string */
+    const char *content_type; /* static string, or ctype below */
+    char ctype[256];          /* room for a Content-Type built per response (multipart) */
     char *body;               /* owned, may be NULL */
     size_t len;
     char etag[72];     /* quoted entity tag or "" */

@@ -6,12 +6,17 @@
 #include "kp_routes.h"
 
 #include "kp_errors.h"
+#include "kp_frames.h"
+#include "kp_storage.h"
 #include "kp_log.h"
 #include "kp_qido.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- QIDO-RS ------------------------------------------------------------------------------- */
 static int s_qido(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp,
@@ -131,6 +136,201 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
     return 0;
 }
 
+/* ---- WADO-RS: instances and frames --------------------------------------------------------- */
+
+/* One boundary for every multipart response: 40 random-looking characters, so that it cannot
+ * plausibly occur in the bytes it separates. */
+#define S_BOUNDARY "KlinikaPACS-7d1f0c9e4b2a86f3b5c0e91d2a47"
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} s_body_t;
+
+static void s_body_put(s_body_t *b, const void *p, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        while (b->len + n + 1 > b->cap) b->cap = b->cap ? b->cap * 2 : 65536;
+        b->buf = realloc(b->buf, b->cap);
+        if (!b->buf) abort();
+    }
+    memcpy(b->buf + b->len, p, n);
+    b->len += n;
+}
+
+static void s_body_str(s_body_t *b, const char *s) { s_body_put(b, s, strlen(s)); }
+
+/* Appends len bytes of fd at off. 0 or KP_EIO. */
+static int s_body_file(s_body_t *b, int fd, int64_t off, int64_t len)
+{
+    if (len < 0 || len > ((int64_t)1 << 32)) return KP_EIO;
+    if (b->len + (size_t)len + 1 > b->cap) {
+        while (b->len + (size_t)len + 1 > b->cap) b->cap = b->cap ? b->cap * 2 : 65536;
+        b->buf = realloc(b->buf, b->cap);
+        if (!b->buf) abort();
+    }
+    size_t got = 0;
+    while (got < (size_t)len) {
+        ssize_t r = pread(fd, b->buf + b->len + got, (size_t)len - got, (off_t)(off + (int64_t)got));
+        if (r <= 0) return KP_EIO;
+        got += (size_t)r;
+    }
+    b->len += got;
+    return 0;
+}
+
+/* The stored file of an instance: opens it (read-only) after checking the stored path's shape. */
+static int s_open_stored(kp_http_env_t *env, const char *rel)
+{
+    if (!kp_storage_relpath_valid(rel)) return KP_EINTERNAL;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", env->cfg->storage_root, rel);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) kp_error("wado", "stored file %s cannot be opened", path);
+    return fd < 0 ? KP_EIO : fd;
+}
+
+static void s_not_found(kp_http_resp_t *resp, const kp_http_req_t *req)
+{
+    kp_http_error(resp, KP_ENOTFOUND, 0, "no such instance", req->params[2]);
+}
+
+/* GET .../instances/{sop}: the Part 10 file as multipart/related; type="application/dicom". */
+static int s_instance(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
+{
+    const char *params[] = {req->params[0], req->params[1], req->params[2]};
+    PGresult *res = NULL;
+    int rc = kp_db_exec(env->db, &res, "SELECT i.path, i.transfer_syntax_uid" S_MD_FROM, 3, params);
+    if (rc) return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        s_not_found(resp, req);
+        return 0;
+    }
+    char rel[KP_STORAGE_RELPATH_MAX + 8], ts[72];
+    snprintf(rel, sizeof rel, "%s", PQgetvalue(res, 0, 0));
+    snprintf(ts, sizeof ts, "%s", PQgetvalue(res, 0, 1));
+    PQclear(res);
+    if (!kp_frames_acceptable(req->accept, ts, "dicom")) {
+        kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
+                      "the instance is stored in another transfer syntax; ask for "
+                      "transfer-syntax=* (transcoding is not available yet)");
+        return 0;
+    }
+    int fd = s_open_stored(env, rel);
+    if (fd < 0) return fd;
+    struct stat sb;
+    s_body_t b = {0};
+    char head[256];
+    snprintf(head, sizeof head,
+             "--" S_BOUNDARY "\r\nContent-Type: application/dicom; transfer-syntax=%s\r\n\r\n", ts);
+    s_body_str(&b, head);
+    rc = fstat(fd, &sb) ? KP_EIO : s_body_file(&b, fd, 0, (int64_t)sb.st_size);
+    close(fd);
+    if (rc) {
+        free(b.buf);
+        return rc;
+    }
+    s_body_str(&b, "\r\n--" S_BOUNDARY "--\r\n");
+    resp->status = 200;
+    snprintf(resp->ctype, sizeof resp->ctype,
+             "multipart/related; type=\"application/dicom\"; boundary=" S_BOUNDARY);
+    resp->content_type = resp->ctype;
+    resp->body = b.buf;
+    resp->len = b.len;
+    return 0;
+}
+
+/* GET .../instances/{sop}/frames/{list}: the frames' bytes as stored (no decoding), one part
+ * each, every part header written exactly as "Content-Type:" (OHIF's parser needs that). */
+static int s_frames(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
+{
+    long frames[KP_FRAMES_MAX_LIST];
+    int nf = kp_frames_parse_list(req->params[3], frames, KP_FRAMES_MAX_LIST);
+    if (nf <= 0) {
+        kp_http_error(resp, KP_EINVAL, 0, "bad frame list",
+                      "frame numbers start at 1, separated by commas");
+        return 0;
+    }
+    const char *params[] = {req->params[0], req->params[1], req->params[2]};
+    PGresult *res = NULL;
+    int rc = kp_db_exec(env->db, &res,
+                        "SELECT i.path, i.transfer_syntax_uid, i.pixel_offset, i.pixel_length, "
+                        "coalesce(i.number_of_frames, 1), coalesce(i.rows, 0), "
+                        "coalesce(i.columns, 0), coalesce(i.bits_allocated, 0), "
+                        "coalesce(i.metadata->'00280002'->'Value'->>0, '1')" S_MD_FROM,
+                        3, params);
+    if (rc) return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        s_not_found(resp, req);
+        return 0;
+    }
+    char rel[KP_STORAGE_RELPATH_MAX + 8], ts[72];
+    snprintf(rel, sizeof rel, "%s", PQgetvalue(res, 0, 0));
+    snprintf(ts, sizeof ts, "%s", PQgetvalue(res, 0, 1));
+    bool has_pixels = !PQgetisnull(res, 0, 2);
+    int64_t pix_off = atoll(PQgetvalue(res, 0, 2)), pix_len = atoll(PQgetvalue(res, 0, 3));
+    long nframes = atol(PQgetvalue(res, 0, 4));
+    int64_t frame_size = (int64_t)atol(PQgetvalue(res, 0, 5)) * atol(PQgetvalue(res, 0, 6)) *
+                         atol(PQgetvalue(res, 0, 8)) * atol(PQgetvalue(res, 0, 7)) / 8;
+    PQclear(res);
+    if (!has_pixels) {
+        kp_http_error(resp, KP_ENOTFOUND, 0, "the instance has no pixel data stored as frames",
+                      req->params[2]);
+        return 0;
+    }
+    if (!kp_frames_acceptable(req->accept, ts, "frames")) {
+        kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
+                      "frames are sent in their stored transfer syntax; ask for "
+                      "transfer-syntax=* (decoding is not available yet)");
+        return 0;
+    }
+    const char *media = kp_frames_media_type(ts);
+    int fd = s_open_stored(env, rel);
+    if (fd < 0) return fd;
+    s_body_t b = {0};
+    kp_range_t *ranges = calloc(KP_FRAMES_MAX_FRAGMENTS, sizeof *ranges);
+    if (!ranges) abort();
+    for (int f = 0; f < nf && !rc; f++) {
+        size_t n = 0;
+        rc = kp_frames_locate(fd, pix_off, pix_len, nframes, frame_size, frames[f], ranges,
+                              KP_FRAMES_MAX_FRAGMENTS, &n);
+        if (rc) break;
+        char head[256];
+        snprintf(head, sizeof head, "--" S_BOUNDARY "\r\nContent-Type: %s; transfer-syntax=%s\r\n\r\n",
+                 media, ts);
+        s_body_str(&b, head);
+        for (size_t i = 0; i < n && !rc; i++) rc = s_body_file(&b, fd, ranges[i].off, ranges[i].len);
+        s_body_str(&b, "\r\n");
+    }
+    close(fd);
+    free(ranges);
+    if (rc) {
+        free(b.buf);
+        if (rc == KP_ENOTFOUND) {
+            kp_http_error(resp, KP_ENOTFOUND, 0, "no such frame", req->params[3]);
+            return 0;
+        }
+        if (rc == KP_EUNSUPPORTED) {
+            kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
+                          "this encapsulated pixel data cannot be split into frames without "
+                          "decoding");
+            return 0;
+        }
+        return rc;
+    }
+    s_body_str(&b, "--" S_BOUNDARY "--\r\n");
+    resp->status = 200;
+    snprintf(resp->ctype, sizeof resp->ctype,
+             "multipart/related; type=\"%s\"; transfer-syntax=%s; boundary=" S_BOUNDARY, media, ts);
+    resp->content_type = resp->ctype;
+    resp->body = b.buf;
+    resp->len = b.len;
+    resp->compressible = kp_frames_native(ts); /* raw pixels shrink well; codestreams don't */
+    return 0;
+}
+
 /* ---- the table ----------------------------------------------------------------------------- */
 static const kp_route_t s_routes[] = {
     {"GET", "/dicom-web/studies", "study.read", s_qido_studies},
@@ -144,6 +344,10 @@ static const kp_route_t s_routes[] = {
     {"GET", "/dicom-web/studies/{study}/series/{series}/metadata", "study.read", s_metadata},
     {"GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}/metadata",
      "study.read", s_metadata},
+    {"GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}", "study.download",
+     s_instance},
+    {"GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+     "study.read", s_frames},
 };
 #define S_NROUTES (sizeof s_routes / sizeof s_routes[0])
 
@@ -163,7 +367,9 @@ static int s_match(const char *pattern, const char *path, size_t pathlen,
         size_t sl = se ? (size_t)(se - s) : (size_t)(end - s);
         if (pl && p[0] == '{') {
             if (sl == 0 || n >= KP_HTTP_MAX_PARAMS) return -1;
-            if (sl > 64 || !kp_qido_valid_uid(s, sl)) {
+            bool frames = pl == 8 && !memcmp(p, "{frames}", 8);
+            if (frames ? (sl > 64 || strspn(s, "0123456789,") < sl)
+                       : (sl > 64 || !kp_qido_valid_uid(s, sl))) {
                 *bad_uid = true;
                 params[n][0] = 0;
             } else {

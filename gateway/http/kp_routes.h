@@ -1,7 +1,8 @@
 /* kp_routes: the one route table of pacs-gateway (method, path pattern, permission, handler).
  *
  * Patterns are literal segments and {name} placeholders; every placeholder is a DICOM UID and is
- * validated here (digits and dots, at most 64 characters), so handlers never see a bad one. */
+ * validated here (digits and dots, at most 64 characters), so handlers never see a bad one —
+ * except {frames}, a comma-separated list of frame numbers (digits and commas only). */
 #ifndef KP_ROUTES_H
 #define KP_ROUTES_H
 

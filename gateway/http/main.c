@@ -119,6 +119,8 @@ static const char *s_reason(int status)
         return "Not Found";
     case 405:
         return "Method Not Allowed";
+    case 406:
+        return "Not Acceptable";
     case 409:
         return "Conflict";
     case 413:
@@ -181,9 +183,11 @@ static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
     req->res.status = r->status;
     req->res.reason = s_reason(r->status);
     s_security_headers(req, tls);
-    if (r->content_type && r->status != 304)
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, r->content_type,
-                       strlen(r->content_type));
+    if (r->content_type && r->status != 304) {
+        /* copied into the request's pool: r may be freed before the headers are written */
+        h2o_iovec_t v = h2o_strdup(&req->pool, r->content_type, strlen(r->content_type));
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, v.base, v.len);
+    }
     if (r->etag[0]) {
         h2o_iovec_t v = h2o_strdup(&req->pool, r->etag, strlen(r->etag));
         h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ETAG, NULL, v.base, v.len);
@@ -386,6 +390,10 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     ssize_t h = h2o_find_header(&req->headers, H2O_TOKEN_IF_NONE_MATCH, -1);
     if (h >= 0)
         job->in.if_none_match =
+            s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
+    h = h2o_find_header(&req->headers, H2O_TOKEN_ACCEPT, -1);
+    if (h >= 0)
+        job->in.accept =
             s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
     /* Back-pressure: a bounded queue; beyond it the client is told to retry. */
     pthread_mutex_lock(&s_g.mu);
