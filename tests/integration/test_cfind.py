@@ -4,7 +4,6 @@ A System ingests pydicom's test and charset files plus generated studies with kn
 dates and modalities (and one large series), then queries every level of both models with each
 matching type and compares the identifiers returned with what the index holds (SQL)."""
 import concurrent.futures
-import glob
 import os
 import re
 import subprocess
@@ -12,14 +11,12 @@ import tempfile
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 
+import datasets
 import kp
 
 ROOT = "1.2.826.0.1.3680043.10.1411.88"
-SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
-       "US": "1.2.840.10008.5.1.4.1.1.6.1"}
+SOP = datasets.SOP_CLASS
 MAX_RESULTS = 300
 BULK = 310  # instances in the large series: more than MAX_RESULTS
 
@@ -42,72 +39,10 @@ STUDIES = {
 }
 
 
-def study_uid(k):
-    return f"{ROOT}.{k[1:]}"
-
-
-def series_uid(k, i):
-    return f"{ROOT}.{k[1:]}.{i + 1}"
-
-
-def sop_uid(k, i, n):
-    return f"{ROOT}.{k[1:]}.{i + 1}.{n}"
-
-
-def generate(outdir):
-    files = []
-    for k, st in STUDIES.items():
-        for i, (mod, num, desc, numbers) in enumerate(st["series"]):
-            for n in numbers:
-                ds = Dataset()
-                ds.SpecificCharacterSet = "ISO_IR 192"
-                ds.SOPClassUID = SOP[mod]
-                ds.SOPInstanceUID = sop_uid(k, i, n)
-                ds.StudyInstanceUID = study_uid(k)
-                ds.SeriesInstanceUID = series_uid(k, i)
-                ds.PatientName = st["name"]
-                ds.PatientID = st["pid"]
-                ds.PatientBirthDate = st["birth"]
-                ds.PatientSex = st["sex"]
-                ds.StudyDate = st["date"]
-                ds.StudyTime = st["time"]
-                ds.AccessionNumber = st["acc"]
-                ds.StudyDescription = st["desc"]
-                ds.ReferringPhysicianName = st["ref"]
-                ds.StudyID = k
-                ds.Modality = mod
-                ds.SeriesNumber = num
-                ds.SeriesDescription = desc
-                ds.InstanceNumber = n
-                ds.Rows = 8
-                ds.Columns = 8
-                ds.BitsAllocated = 16
-                ds.BitsStored = 12
-                ds.HighBit = 11
-                ds.PixelRepresentation = 0
-                ds.SamplesPerPixel = 1
-                ds.PhotometricInterpretation = "MONOCHROME2"
-                ds.PixelData = bytes(128)
-                ds.file_meta = FileMetaDataset()
-                ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-                path = os.path.join(outdir, f"{k}-{i}-{n}.dcm")
-                ds.is_little_endian = True
-                ds.is_implicit_VR = False
-                ds.save_as(path, write_like_original=False)
-                files.append(path)
-    return files
-
-
-def pydicom_files():
-    files = []
-    for sub in ("test_files", "charset_files"):
-        for f in sorted(glob.glob(os.path.join(kp.PYDICOM_DATA, sub, "*"))):
-            if os.path.isfile(f) and not f.endswith((".py", ".pyc", ".txt", ".json", ".gz",
-                                                      ".bz2", ".zip", ".xz")):
-                files.append(f)
-    return files
+_DATA = datasets.Studies(ROOT, STUDIES)
+study_uid, series_uid, sop_uid = _DATA.study_uid, _DATA.series_uid, _DATA.sop_uid
+generate = _DATA.write
+pydicom_files = datasets.pydicom_files
 
 
 @pytest.fixture(scope="module")

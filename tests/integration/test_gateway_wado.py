@@ -31,7 +31,7 @@ def make_multiframe(path, frames=10):
     """A native 16-bit multi-frame MR with distinct frames (pydicom ships none)."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR
     meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.1411.77.1.1.1"

@@ -3,26 +3,19 @@ DCMTK's storescu; each one DCMTK can parse must be acknowledged and indexed with
 dcmdump reports; files the server cannot accept get a DIMSE failure status, never a crash."""
 import collections
 import concurrent.futures
-import glob
 import json
 import os
 import subprocess
 
 import pytest
 
+import datasets
 import kp
 
 TAGS = {"00100010", "0020000D", "0020000E", "00080018", "00080060", "00080020", "00080016"}
 
 
-def candidate_files():
-    files = []
-    for sub in ("test_files", "charset_files"):
-        for f in sorted(glob.glob(os.path.join(kp.PYDICOM_DATA, sub, "*"))):
-            if os.path.isfile(f) and not f.endswith((".py", ".pyc", ".txt", ".json", ".gz",
-                                                      ".bz2", ".zip", ".xz")):
-                files.append(f)
-    return files
+candidate_files = datasets.pydicom_files
 
 
 def pn_norm(v):

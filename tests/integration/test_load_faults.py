@@ -4,7 +4,6 @@ restarted during the load, every acknowledged instance is indexed exactly once w
 intact, and an instance whose association was cut is either fully present or absent."""
 import glob
 import os
-import signal
 import struct
 import subprocess
 import time
