@@ -45,8 +45,16 @@ BINS      := $(foreach p,$(PROGRAMS),$(BUILD)/bin/$(call prog_name,$p))
 UNIT_SRC  := $(shell find tests/unit -name 'test_*.c' 2>/dev/null | sort)
 UNIT_BINS := $(patsubst %.c,$(BUILD)/tests/%,$(notdir $(UNIT_SRC)))
 
-.PHONY: all run test asan fuzz fuzz-run bench fmt clean deps unit
-all: $(BINS) $(UNIT_BINS)
+.PHONY: all run test asan fuzz fuzz-run bench fmt clean deps unit ohif
+all: $(BINS) $(UNIT_BINS) ohif
+
+# The OHIF viewer pacs-gateway serves at / (http.ohif_dir): the pinned @ohif/app build from the
+# npm registry, fetched once into build/ohif/dist (never committed). Offline, make goes on and
+# says the viewer is unavailable.
+OHIF_VERSION := 3.13.2
+OHIF_SHA1    := 26a51ffcc1704c30fff403258a1d7392e9a991f3
+ohif:
+	@scripts/fetch-ohif $(OHIF_VERSION) $(OHIF_SHA1) build/ohif || true
 
 $(LIBKP): $(LIB_OBJ)
 	@mkdir -p $(dir $@)

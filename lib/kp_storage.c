@@ -351,7 +351,11 @@ int kp_storage_clean_tmp(kp_storage_t *st, int max_age_s)
     DIR *d = opendir(st->tmpdir);
     if (!d) return 0;
     int n = 0;
-    time_t now = time(NULL);
+    /* A precise clock: file times can be finer than time()'s coarse one, and a file made this
+     * instant must not look as if it came from the future. */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    time_t now = ts.tv_sec;
     struct dirent *e;
     while ((e = readdir(d))) {
         if (e->d_name[0] == '.') continue;

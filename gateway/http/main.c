@@ -13,6 +13,7 @@
 #include "kp_http.h"
 #include "kp_log.h"
 #include "kp_routes.h"
+#include "kp_static.h"
 #include "kp_tls.h"
 
 #include <errno.h>
@@ -175,6 +176,12 @@ static void s_access_log(h2o_req_t *req, int status, size_t bytes)
     s_log_safe(method, sizeof method, req->method.base, req->method.len);
     s_log_safe(path, sizeof path, req->path.base, req->path.len);
     kp_info("http", "%s %s %d %zu %.1fms", method, path, status, bytes, ms);
+}
+
+/* For kp_static: the security headers of this request's scheme. */
+static void s_static_headers(h2o_req_t *req)
+{
+    s_security_headers(req, req->scheme == &H2O_URL_SCHEME_HTTPS);
 }
 
 static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
@@ -359,6 +366,11 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     }
     memcpy(method, req->method.base, req->method.len);
     method[req->method.len] = 0;
+    /* Everything outside /dicom-web, /api and /app is the OHIF viewer: files, no database. */
+    if (!kp_static_is_api_path(req->path_normalized.base, req->path_normalized.len)) {
+        kp_static_serve(req, s_static_headers, s_access_log);
+        return 0;
+    }
 
     s_job_t *job = calloc(1, sizeof *job);
     if (!job) abort();
@@ -503,6 +515,7 @@ static void s_setup_globalconf(const kp_config_t *cfg)
 {
     h2o_globalconf_t *gc = &s_g.globalconf;
     h2o_config_init(gc);
+    kp_static_init(cfg, gc);
     gc->server_name = h2o_iovec_init(H2O_STRLIT("Klinika-PACS"));
     gc->max_request_entity_size = (size_t)cfg->http_max_body_mb << 20;
     gc->handshake_timeout = 10000;

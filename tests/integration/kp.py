@@ -112,6 +112,8 @@ class System:
                 "KP_HTTP_HTTP_PORT": str(self.http_port),
                 "KP_HTTP_THREADS": "2",
                 "KP_HTTP_DB_POOL": "2",
+                # the viewer make fetched (the gateway runs in a temporary directory)
+                "KP_HTTP_OHIF_DIR": os.path.join(REPO, "build", "ohif", "dist"),
             })
         self.env.update(extra_env or {})
         self.procs = {}
