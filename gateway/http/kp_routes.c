@@ -190,27 +190,52 @@ static int s_open_stored(kp_http_env_t *env, const char *rel)
     return fd < 0 ? KP_EIO : fd;
 }
 
-static void s_not_found(kp_http_resp_t *resp, const kp_http_req_t *req)
+/* What the retrieval routes need of one instance, from the index. */
+typedef struct {
+    char rel[KP_STORAGE_RELPATH_MAX + 8], ts[72];
+    bool has_pixels;
+    int64_t pix_off, pix_len, frame_size;
+    long nframes;
+} s_inst_t;
+
+/* Looks the instance of the path up: 1 found (*out filled), 0 not found (resp is the 404), or
+ * a negative code. */
+static int s_find_instance(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp,
+                           s_inst_t *out)
 {
-    kp_http_error(resp, KP_ENOTFOUND, 0, "no such instance", req->params[2]);
+    const char *params[] = {req->params[0], req->params[1], req->params[2]};
+    PGresult *res = NULL;
+    int rc = kp_db_exec(env->db, &res,
+                        "SELECT i.path, i.transfer_syntax_uid, i.pixel_offset, i.pixel_length, "
+                        "coalesce(i.number_of_frames, 1), coalesce(i.rows, 0), "
+                        "coalesce(i.columns, 0), coalesce(i.bits_allocated, 0), "
+                        "coalesce(i.metadata->'00280002'->'Value'->>0, '1')" S_MD_FROM,
+                        3, params);
+    if (rc) return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        kp_http_error(resp, KP_ENOTFOUND, 0, "no such instance", req->params[2]);
+        return 0;
+    }
+    snprintf(out->rel, sizeof out->rel, "%s", PQgetvalue(res, 0, 0));
+    snprintf(out->ts, sizeof out->ts, "%s", PQgetvalue(res, 0, 1));
+    out->has_pixels = !PQgetisnull(res, 0, 2);
+    out->pix_off = atoll(PQgetvalue(res, 0, 2));
+    out->pix_len = atoll(PQgetvalue(res, 0, 3));
+    out->nframes = atol(PQgetvalue(res, 0, 4));
+    out->frame_size = (int64_t)atol(PQgetvalue(res, 0, 5)) * atol(PQgetvalue(res, 0, 6)) *
+                      atol(PQgetvalue(res, 0, 8)) * atol(PQgetvalue(res, 0, 7)) / 8;
+    PQclear(res);
+    return 1;
 }
 
 /* GET .../instances/{sop}: the Part 10 file as multipart/related; type="application/dicom". */
 static int s_instance(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    const char *params[] = {req->params[0], req->params[1], req->params[2]};
-    PGresult *res = NULL;
-    int rc = kp_db_exec(env->db, &res, "SELECT i.path, i.transfer_syntax_uid" S_MD_FROM, 3, params);
-    if (rc) return rc;
-    if (PQntuples(res) != 1) {
-        PQclear(res);
-        s_not_found(resp, req);
-        return 0;
-    }
-    char rel[KP_STORAGE_RELPATH_MAX + 8], ts[72];
-    snprintf(rel, sizeof rel, "%s", PQgetvalue(res, 0, 0));
-    snprintf(ts, sizeof ts, "%s", PQgetvalue(res, 0, 1));
-    PQclear(res);
+    s_inst_t in;
+    int rc = s_find_instance(env, req, resp, &in);
+    if (rc <= 0) return rc;
+    const char *rel = in.rel, *ts = in.ts;
     if (!kp_frames_acceptable(req->accept, ts, "dicom")) {
         kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
                       "the instance is stored in another transfer syntax; ask for "
@@ -252,29 +277,14 @@ static int s_frames(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
                       "frame numbers start at 1, separated by commas");
         return 0;
     }
-    const char *params[] = {req->params[0], req->params[1], req->params[2]};
-    PGresult *res = NULL;
-    int rc = kp_db_exec(env->db, &res,
-                        "SELECT i.path, i.transfer_syntax_uid, i.pixel_offset, i.pixel_length, "
-                        "coalesce(i.number_of_frames, 1), coalesce(i.rows, 0), "
-                        "coalesce(i.columns, 0), coalesce(i.bits_allocated, 0), "
-                        "coalesce(i.metadata->'00280002'->'Value'->>0, '1')" S_MD_FROM,
-                        3, params);
-    if (rc) return rc;
-    if (PQntuples(res) != 1) {
-        PQclear(res);
-        s_not_found(resp, req);
-        return 0;
-    }
-    char rel[KP_STORAGE_RELPATH_MAX + 8], ts[72];
-    snprintf(rel, sizeof rel, "%s", PQgetvalue(res, 0, 0));
-    snprintf(ts, sizeof ts, "%s", PQgetvalue(res, 0, 1));
-    bool has_pixels = !PQgetisnull(res, 0, 2);
-    int64_t pix_off = atoll(PQgetvalue(res, 0, 2)), pix_len = atoll(PQgetvalue(res, 0, 3));
-    long nframes = atol(PQgetvalue(res, 0, 4));
-    int64_t frame_size = (int64_t)atol(PQgetvalue(res, 0, 5)) * atol(PQgetvalue(res, 0, 6)) *
-                         atol(PQgetvalue(res, 0, 8)) * atol(PQgetvalue(res, 0, 7)) / 8;
-    PQclear(res);
+    s_inst_t in;
+    int rc = s_find_instance(env, req, resp, &in);
+    if (rc <= 0) return rc;
+    rc = 0;
+    const char *rel = in.rel, *ts = in.ts;
+    bool has_pixels = in.has_pixels;
+    int64_t pix_off = in.pix_off, pix_len = in.pix_len, frame_size = in.frame_size;
+    long nframes = in.nframes;
     if (!has_pixels) {
         kp_http_error(resp, KP_ENOTFOUND, 0, "the instance has no pixel data stored as frames",
                       req->params[2]);
