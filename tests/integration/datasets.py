@@ -5,8 +5,10 @@ compressed syntaxes, character sets, odd encodings).
 write_studies(): small studies with chosen names, dates, modalities and numbering, written with
 pydicom, for tests that must know exactly what matches a query.
 """
+import concurrent.futures
 import glob
 import os
+import tempfile
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -92,3 +94,21 @@ class Studies:
                     ds.save_as(path, write_like_original=False)
                     files.append(path)
         return files
+
+
+def load(system, studies):
+    """Fills a running system with the synthetic studies (one association) and every pydicom
+    file storescu can send (4 in parallel, each in its own syntax); waits until all is indexed."""
+    with tempfile.TemporaryDirectory() as d:
+        gen = studies.write(d)
+        rc, res, out = system.storescu(gen)
+        assert all(res.get(f) == "ok" for f in gen), out[-3000:]
+
+        def send(f):
+            return system.storescu([f], extra=kp.storescu_flags(f))[1].get(f) == "ok"
+
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            ok = sum(ex.map(send, pydicom_files()))
+        assert ok >= 60
+        system.wait_jobs_settled()  # the outbox row is committed before each success
+        system.wait_indexed(len(gen))

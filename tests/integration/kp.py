@@ -225,6 +225,14 @@ class System:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
         return r.returncode, parse_storescu(r.stdout + r.stderr), r.stdout + r.stderr
 
+    def send_each(self, files):
+        """Sends each file on its own association in its own SOP class and transfer syntax (as
+        a modality would) and fails unless every one is acknowledged; waits until indexed."""
+        for f in files:
+            rc, res, out = self.storescu([f], extra=storescu_flags(f))
+            assert res.get(f) == "ok", (f, out[-2000:])
+        self.wait_jobs_settled()  # the outbox row is committed before each success
+
     def storescu_async(self, files, aet="MODALITY", extra=()):
         listfile = tempfile.NamedTemporaryFile("w", delete=False, dir=self.dir, suffix=".out")
         cmd = ["storescu", "-v", "-nh", "-aet", aet, "-aec", "KLINIKA", *extra, "127.0.0.1",

@@ -3,7 +3,6 @@
 A System ingests pydicom's test and charset files plus generated studies with known names,
 dates and modalities (and one large series), then queries every level of both models with each
 matching type and compares the identifiers returned with what the index holds (SQL)."""
-import concurrent.futures
 import os
 import re
 import subprocess
@@ -41,7 +40,6 @@ STUDIES = {
 
 _DATA = datasets.Studies(ROOT, STUDIES)
 study_uid, series_uid, sop_uid = _DATA.study_uid, _DATA.series_uid, _DATA.sop_uid
-generate = _DATA.write
 pydicom_files = datasets.pydicom_files
 
 
@@ -49,19 +47,7 @@ pydicom_files = datasets.pydicom_files
 def qr(cluster):
     s = kp.System(cluster, extra_env={"KP_DICOM_FIND_MAX_RESULTS": str(MAX_RESULTS)})
     try:
-        with tempfile.TemporaryDirectory() as d:
-            gen = generate(d)
-            rc, res, out = s.storescu(gen)
-            assert all(res.get(f) == "ok" for f in gen), out[-3000:]
-
-            def send(f):
-                return s.storescu([f], extra=kp.storescu_flags(f))[1].get(f) == "ok"
-
-            with concurrent.futures.ThreadPoolExecutor(4) as ex:
-                ok = sum(ex.map(send, pydicom_files()))
-            assert ok >= 60
-            s.wait_jobs_settled()
-            s.wait_indexed(len(gen))
+        datasets.load(s, _DATA)
         yield s
     finally:
         s.stop()

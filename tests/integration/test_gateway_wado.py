@@ -58,11 +58,7 @@ def gw(cluster):
     make_multiframe(FILES["emri"])
     s = kp.System(cluster, gateway=True)
     try:
-        for key, name in FILES.items():
-            f = os.path.join(T, name)
-            rc, res, out = s.storescu([f], extra=kp.storescu_flags(f))
-            assert res.get(f) == "ok", (name, out[-2000:])
-        s.wait_jobs_settled()
+        s.send_each([os.path.join(T, name) for name in FILES.values()])
         yield s
     finally:
         s.stop()

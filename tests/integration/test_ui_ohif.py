@@ -44,11 +44,7 @@ def gw(cluster):
         pytest.skip(why)
     s = kp.System(cluster, gateway=True)
     try:
-        for name in FILES:
-            f = os.path.join(T, name)
-            rc, res, out = s.storescu([f], extra=kp.storescu_flags(f))
-            assert res.get(f) == "ok", (name, out[-2000:])
-        s.wait_jobs_settled()
+        s.send_each([os.path.join(T, name) for name in FILES])
         yield s
     finally:
         s.stop()
