@@ -1,0 +1,345 @@
+/* kp_ingest: the durable ingest path shared by C-STORE and STOW-RS (see kp_ingest.h). */
+#include "kp_ingest.h"
+
+#include "kp_bus.h"
+#include "kp_db.h"
+#include "kp_dicom.h"
+#include "kp_errors.h"
+#include "kp_log.h"
+#include "kp_msg.h"
+
+#include <jansson.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct s_pending {
+    char rel[KP_STORAGE_RELPATH_MAX];
+    char sop[72];
+    int64_t size;
+    char ae[20];
+    int rc; /* result, valid once done */
+    bool done;
+    struct s_pending *next;
+} s_pending_t;
+
+struct kp_ingest {
+    const kp_config_t *cfg;
+    kp_storage_t *st;
+    kp_db_t *db;
+    kp_bus_t *bus;
+    pthread_t committer;
+    pthread_mutex_t mu;
+    pthread_cond_t work;  /* the committer waits for items */
+    pthread_cond_t ready; /* callers wait for their group */
+    s_pending_t *head, *tail;
+    bool stopping;
+    long stored, failed;
+};
+
+static bool s_is_uid(const char *s)
+{
+    size_t n = s ? strlen(s) : 0;
+    return n > 0 && n <= 64 && strspn(s, "0123456789.") == n;
+}
+
+/* ---- committer thread --------------------------------------------------------------------- */
+
+/* Publishes committed jobs. A failed publish is fine: the outbox sweep publishes them later. */
+static void s_publish(kp_ingest_t *g, PGresult *r)
+{
+    for (int i = 0; i < PQntuples(r); i++) {
+        kp_msg_t m = {.v = 1, .id = atoll(PQgetvalue(r, i, 0)), .attempt = 0};
+        snprintf(m.type, sizeof m.type, "index");
+        m.payload = json_loads(PQgetvalue(r, i, 1), 0, NULL);
+        if (m.payload && kp_bus_submit(g->bus, &m))
+            kp_debug("bus", "job %lld not published now; the outbox sweep will", (long long)m.id);
+        kp_msg_clear(&m);
+    }
+}
+
+/* Makes a group durable: the outbox INSERT (one statement, one WAL flush) is sent first and the
+ * directory fsyncs run while PostgreSQL commits, so the two flushes overlap. Only when both
+ * succeeded is the group acknowledged. */
+static int s_commit_group(kp_ingest_t *g, s_pending_t **items, size_t n)
+{
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:I, s:s}", "path", items[i]->rel, "sop",
+                                             items[i]->sop, "size", (json_int_t)items[i]->size,
+                                             "ae", items[i]->ae));
+    char *payloads = json_dumps(arr, JSON_COMPACT);
+    json_decref(arr);
+    char lease[16];
+    snprintf(lease, sizeof lease, "%ld", g->cfg->jobs_lease);
+    const char *params[] = {payloads, lease};
+    int rc = kp_db_ensure(g->db);
+    PGconn *conn = kp_db_conn(g->db);
+    if (!rc &&
+        !PQsendQueryParams(conn,
+                           "INSERT INTO jobs (type, payload, lease_until) SELECT 'index', p, "
+                           "now() + make_interval(secs => $2::int) FROM "
+                           "jsonb_array_elements($1::jsonb) AS p RETURNING id, payload::text",
+                           2, NULL, params, NULL, NULL, 0)) {
+        kp_error("db", "cannot send the outbox insert: %s", PQerrorMessage(conn));
+        rc = KP_EDB;
+    }
+    free(payloads);
+    int dir_rc = 0;
+    for (size_t i = 0; i < n && !dir_rc; i++) { /* one fsync per distinct directory */
+        bool seen = false;
+        for (size_t j = 0; j < i && !seen; j++)
+            seen = !strncmp(items[i]->rel, items[j]->rel, 5);
+        if (!seen) dir_rc = kp_storage_sync_dir(g->st, items[i]->rel);
+    }
+    if (rc) return rc;
+    PGresult *r, *ok = NULL;
+    while ((r = PQgetResult(conn))) {
+        if (PQresultStatus(r) == PGRES_TUPLES_OK && !ok) {
+            ok = r;
+            continue;
+        }
+        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(r));
+            msg[strcspn(msg, "\n")] = 0;
+            kp_error("db", "outbox insert failed: %s", msg);
+            rc = KP_EDB;
+        }
+        PQclear(r);
+    }
+    if (!ok && !rc) rc = KP_EDB;
+    if (ok && !rc) s_publish(g, ok); /* committed: even if a directory fsync failed, index it */
+    PQclear(ok);
+    return rc ? rc : dir_rc;
+}
+
+static void *s_committer(void *arg)
+{
+    kp_ingest_t *g = arg;
+    size_t cap = (size_t)g->cfg->dicom_commit_batch;
+    s_pending_t **group = calloc(cap, sizeof *group);
+    if (!group) abort();
+    for (;;) {
+        pthread_mutex_lock(&g->mu);
+        while (!g->head && !g->stopping)
+            pthread_cond_wait(&g->work, &g->mu);
+        if (!g->head && g->stopping) {
+            pthread_mutex_unlock(&g->mu);
+            break;
+        }
+        size_t n = 0;
+        while (g->head && n < cap) {
+            group[n++] = g->head;
+            g->head = g->head->next;
+        }
+        if (!g->head) g->tail = NULL;
+        pthread_mutex_unlock(&g->mu);
+
+        int rc = s_commit_group(g, group, n);
+        if (rc) kp_error("store", "could not commit %zu outbox rows: %s", n, kp_strerror(rc));
+
+        pthread_mutex_lock(&g->mu);
+        for (size_t i = 0; i < n; i++) {
+            group[i]->rc = rc;
+            group[i]->done = true;
+        }
+        pthread_cond_broadcast(&g->ready);
+        pthread_mutex_unlock(&g->mu);
+    }
+    free(group);
+    return NULL;
+}
+
+static int s_wait_committed(kp_ingest_t *g, s_pending_t *p)
+{
+    pthread_mutex_lock(&g->mu);
+    if (g->stopping) {
+        pthread_mutex_unlock(&g->mu);
+        return KP_EAGAIN;
+    }
+    p->next = NULL;
+    if (g->tail)
+        g->tail->next = p;
+    else
+        g->head = p;
+    g->tail = p;
+    pthread_cond_signal(&g->work);
+    while (!p->done)
+        pthread_cond_wait(&g->ready, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+    return p->rc;
+}
+
+/* ---- the store path ----------------------------------------------------------------------- */
+
+/* Header check (values over 4 KiB, pixel data among them, are not read): a data set the indexer
+ * could not index is refused now, while the sender can still be told. */
+static int s_check(const kp_ingest_req_t *req, kp_ingest_result_t *res)
+{
+    int derr = 0;
+    kp_dicom_file_t *df = kp_dicom_open(req->tmp_path, &derr);
+    if (!df) {
+        res->reason = "not a readable DICOM data set";
+        return KP_EDICOM;
+    }
+    const char *study = kp_dicom_get(df, 0x0020000D), *series = kp_dicom_get(df, 0x0020000E);
+    const char *sop = kp_dicom_get(df, 0x00080018), *cls = kp_dicom_get(df, 0x00080016);
+    snprintf(res->sop_uid, sizeof res->sop_uid, "%s", sop ? sop : "");
+    snprintf(res->sop_class, sizeof res->sop_class, "%s", cls ? cls : "");
+    snprintf(res->study_uid, sizeof res->study_uid, "%s", study ? study : "");
+    snprintf(res->series_uid, sizeof res->series_uid, "%s", series ? series : "");
+    kp_dicom_close(&df);
+    if (!s_is_uid(res->sop_uid)) {
+        res->reason = "SOP Instance UID missing or not a valid UID";
+        return KP_EINVAL;
+    }
+    if (!res->study_uid[0] || !res->series_uid[0]) {
+        res->reason = "Study or Series Instance UID missing";
+        return KP_EDICOM;
+    }
+    if (req->expected_sop && strcmp(req->expected_sop, res->sop_uid)) {
+        res->reason = "SOP Instance UID in the data set differs from the request";
+        return KP_EMISMATCH;
+    }
+    if (req->expected_study && strcmp(req->expected_study, res->study_uid)) {
+        res->reason = "Study Instance UID differs from the study of the request";
+        return KP_EMISMATCH;
+    }
+    return 0;
+}
+
+int kp_ingest_store(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_result_t *res)
+{
+    memset(res, 0, sizeof *res);
+    s_pending_t p = {0};
+    const char *src = req->source ? req->source : "";
+    int rc = 0;
+    if (req->expected_sop && !s_is_uid(req->expected_sop)) {
+        res->reason = "the announced SOP Instance UID is not a valid UID";
+        rc = KP_EINVAL;
+    }
+    if (!rc) rc = s_check(req, res);
+    if (rc) {
+        unlink(req->tmp_path);
+        kp_warn("store", "%s from %s: refused: %s", res->sop_uid[0] ? res->sop_uid : "instance",
+                src, res->reason);
+        __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
+        return rc;
+    }
+    const char *sop = res->sop_uid;
+    snprintf(p.sop, sizeof p.sop, "%s", sop);
+    snprintf(p.ae, sizeof p.ae, "%s", src);
+    kp_storage_relpath(sop, p.rel);
+    struct stat sb;
+    if (stat(req->tmp_path, &sb)) {
+        rc = KP_EIO;
+        goto fail;
+    }
+    p.size = (int64_t)sb.st_size;
+    /* The content hash is the indexer's work (off the acknowledgement path); here only a second
+     * copy of a stored instance is compared, byte for byte. */
+    char *dst = kp_storage_abspath(g->st, p.rel);
+    bool exists = stat(dst, &sb) == 0;
+    bool identical =
+        exists && (int64_t)sb.st_size == p.size && kp_storage_same_content(dst, req->tmp_path) == 1;
+    free(dst);
+    const char *policy = g->cfg->storage_duplicate_policy;
+    if (identical) {
+        /* Same content again: nothing to write, but still make sure it is indexed. */
+        unlink(req->tmp_path);
+        res->identical = true;
+        kp_info("store", "%s from %s: identical copy already stored", sop, src);
+    } else if (exists && !strcasecmp(policy, "keep")) {
+        unlink(req->tmp_path);
+        kp_warn("store", "%s from %s differs from the stored copy; kept the first (policy keep)",
+                sop, src);
+    } else if (exists && !strcasecmp(policy, "reject")) {
+        unlink(req->tmp_path);
+        kp_warn("store", "%s from %s differs from the stored copy; refused (policy reject)", sop,
+                src);
+        res->reason = "a different instance with this SOP Instance UID is stored";
+        __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
+        return KP_EDUPLICATE;
+    } else {
+        if (exists) kp_warn("store", "%s from %s differs from the stored copy; replacing it", sop, src);
+        if ((rc = kp_storage_commit(g->st, req->tmp_path, p.rel, true))) goto fail;
+    }
+    rc = s_wait_committed(g, &p);
+    if (rc) {
+        /* The file may be in place, but without an outbox row the sender was not told success:
+         * it sends again, and an identical copy is then a cheap no-op. */
+        kp_error("store", "%s from %s: not acknowledged: %s", sop, src, kp_strerror(rc));
+        res->reason = "the archive could not record the instance (database or storage)";
+        __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
+        return rc;
+    }
+    __atomic_add_fetch(&g->stored, 1, __ATOMIC_RELAXED);
+    kp_debug("store", "%s from %s stored as %s", sop, src, p.rel);
+    return 0;
+fail:
+    unlink(req->tmp_path);
+    __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
+    res->reason = "storage error";
+    kp_error("store", "%s from %s: %s", sop, src, kp_strerror(rc));
+    return rc;
+}
+
+void kp_ingest_counts(kp_ingest_t *g, long *stored, long *failed)
+{
+    *stored = __atomic_load_n(&g->stored, __ATOMIC_RELAXED);
+    *failed = __atomic_load_n(&g->failed, __ATOMIC_RELAXED);
+}
+
+/* ---- life cycle --------------------------------------------------------------------------- */
+
+kp_ingest_t *kp_ingest_new(const kp_config_t *cfg, kp_storage_t *st, const char *bus_kind)
+{
+    kp_ingest_t *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->cfg = cfg;
+    g->st = st;
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->work, NULL);
+    pthread_cond_init(&g->ready, NULL);
+    int err = 0;
+    g->db = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, true, &err);
+    if (!g->db) goto fail;
+    g->bus = kp_bus_new(cfg, bus_kind);
+    if (!g->bus) goto fail;
+    if (pthread_create(&g->committer, NULL, s_committer, g)) {
+        kp_error("store", "cannot start the committer thread");
+        goto fail;
+    }
+    return g;
+fail:
+    kp_bus_destroy(&g->bus);
+    kp_db_destroy(&g->db);
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->work);
+    pthread_cond_destroy(&g->ready);
+    free(g);
+    return NULL;
+}
+
+void kp_ingest_destroy(kp_ingest_t **pg)
+{
+    kp_ingest_t *g = pg ? *pg : NULL;
+    if (!g) return;
+    pthread_mutex_lock(&g->mu);
+    g->stopping = true;
+    pthread_cond_broadcast(&g->work);
+    pthread_mutex_unlock(&g->mu);
+    pthread_join(g->committer, NULL);
+    kp_bus_destroy(&g->bus);
+    kp_db_destroy(&g->db);
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->work);
+    pthread_cond_destroy(&g->ready);
+    free(g);
+    *pg = NULL;
+}
