@@ -21,7 +21,7 @@ OPT       ?= -O2
 PKGS      := libzmq msgpack libpq openssl jansson inih
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
-DCMTK_LIBS := -ldcmnet -ldcmtls -ldcmjpls -ldcmjpeg -ldcmimage -ldcmimgle -ldcmdata -loflog -lofstd
+DCMTK_LIBS := -ldcmnet -ldcmtls -ldcmjpls -ldcmjpeg -ldcmimage -ldcmimgle -ldcmdata -loflog -lofstd -lpng -ljpeg
 
 SANFLAGS  := $(if $(SANITIZER),-fsanitize=$(SANITIZER) -fno-omit-frame-pointer -fno-sanitize-recover=undefined,)
 INCLUDES  := -Ilib -Ilib/dicom -Ibus -Iworkers/common
@@ -77,8 +77,10 @@ $(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
 $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
-UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o)
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o)
+UNIT_EXTRA_test_mdcache := $(BUILD)/obj/gateway/http/kp_mdcache.o
 UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o
+UNIT_EXTRA_test_multipart := $(BUILD)/obj/gateway/http/kp_multipart.o
 UNIT_EXTRA_test_find_sql := $(BUILD)/obj/gateway/dimse/kp_find_sql.o
 $(BUILD)/obj/tests/unit/dimse/%.o: CFLAGS += -Igateway/dimse
 
@@ -116,7 +118,8 @@ fuzz:
 	$(MAKE) BUILD=build/fuzz CC=clang CXX=clang++ SANITIZER=fuzzer-no-link,address,undefined OPT=-O1 build/fuzz/libkp.a
 	@mkdir -p build/fuzz/bin
 	@for f in $(FUZZ_SRC); do n=$$(basename $$f .c); echo "fuzzer $$n"; extra=""; \
-	  case $$n in fuzz_qido) extra=gateway/http/kp_qido.c;; fuzz_frames) extra=gateway/http/kp_frames.c;; esac; objs=""; \
+	  case $$n in fuzz_qido) extra=gateway/http/kp_qido.c;; fuzz_frames) extra=gateway/http/kp_frames.c;; \
+	    fuzz_multipart) extra=gateway/http/kp_multipart.c;; esac; objs=""; \
 	  for x in $$f $$extra; do o=build/fuzz/$$(basename $$x .c).o; objs="$$objs $$o"; \
 	    clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCLUDES) \
 	      -Igateway/http $(PKG_CFLAGS) -c $$x -o $$o || exit 1; done; \

@@ -17,14 +17,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-typedef struct s_pending {
+typedef struct kp_ingest_pending {
     char rel[KP_STORAGE_RELPATH_MAX];
     char sop[72];
     int64_t size;
     char ae[20];
     int rc; /* result, valid once done */
     bool done;
-    struct s_pending *next;
+    struct kp_ingest_pending *next;
 } s_pending_t;
 
 struct kp_ingest {
@@ -155,26 +155,6 @@ static void *s_committer(void *arg)
     return NULL;
 }
 
-static int s_wait_committed(kp_ingest_t *g, s_pending_t *p)
-{
-    pthread_mutex_lock(&g->mu);
-    if (g->stopping) {
-        pthread_mutex_unlock(&g->mu);
-        return KP_EAGAIN;
-    }
-    p->next = NULL;
-    if (g->tail)
-        g->tail->next = p;
-    else
-        g->head = p;
-    g->tail = p;
-    pthread_cond_signal(&g->work);
-    while (!p->done)
-        pthread_cond_wait(&g->ready, &g->mu);
-    pthread_mutex_unlock(&g->mu);
-    return p->rc;
-}
-
 /* ---- the store path ----------------------------------------------------------------------- */
 
 /* Header check (values over 4 KiB, pixel data among them, are not read): a data set the indexer
@@ -213,10 +193,11 @@ static int s_check(const kp_ingest_req_t *req, kp_ingest_result_t *res)
     return 0;
 }
 
-int kp_ingest_store(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_result_t *res)
+int kp_ingest_prepare(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_result_t *res,
+                      kp_ingest_pending_t **out)
 {
     memset(res, 0, sizeof *res);
-    s_pending_t p = {0};
+    *out = NULL;
     const char *src = req->source ? req->source : "";
     int rc = 0;
     if (req->expected_sop && !s_is_uid(req->expected_sop)) {
@@ -231,22 +212,24 @@ int kp_ingest_store(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_result
         __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
         return rc;
     }
+    s_pending_t *p = calloc(1, sizeof *p);
+    if (!p) abort();
     const char *sop = res->sop_uid;
-    snprintf(p.sop, sizeof p.sop, "%s", sop);
-    snprintf(p.ae, sizeof p.ae, "%s", src);
-    kp_storage_relpath(sop, p.rel);
+    snprintf(p->sop, sizeof p->sop, "%s", sop);
+    snprintf(p->ae, sizeof p->ae, "%s", src);
+    kp_storage_relpath(sop, p->rel);
     struct stat sb;
     if (stat(req->tmp_path, &sb)) {
         rc = KP_EIO;
         goto fail;
     }
-    p.size = (int64_t)sb.st_size;
+    p->size = (int64_t)sb.st_size;
     /* The content hash is the indexer's work (off the acknowledgement path); here only a second
      * copy of a stored instance is compared, byte for byte. */
-    char *dst = kp_storage_abspath(g->st, p.rel);
+    char *dst = kp_storage_abspath(g->st, p->rel);
     bool exists = stat(dst, &sb) == 0;
-    bool identical =
-        exists && (int64_t)sb.st_size == p.size && kp_storage_same_content(dst, req->tmp_path) == 1;
+    bool identical = exists && (int64_t)sb.st_size == p->size &&
+                     kp_storage_same_content(dst, req->tmp_path) == 1;
     free(dst);
     const char *policy = g->cfg->storage_duplicate_policy;
     if (identical) {
@@ -264,28 +247,75 @@ int kp_ingest_store(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_result
                 src);
         res->reason = "a different instance with this SOP Instance UID is stored";
         __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
+        free(p);
         return KP_EDUPLICATE;
     } else {
         if (exists) kp_warn("store", "%s from %s differs from the stored copy; replacing it", sop, src);
-        if ((rc = kp_storage_commit(g->st, req->tmp_path, p.rel, true))) goto fail;
+        if ((rc = kp_storage_commit(g->st, req->tmp_path, p->rel, true))) goto fail;
     }
-    rc = s_wait_committed(g, &p);
-    if (rc) {
-        /* The file may be in place, but without an outbox row the sender was not told success:
-         * it sends again, and an identical copy is then a cheap no-op. */
-        kp_error("store", "%s from %s: not acknowledged: %s", sop, src, kp_strerror(rc));
-        res->reason = "the archive could not record the instance (database or storage)";
-        __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
-        return rc;
-    }
-    __atomic_add_fetch(&g->stored, 1, __ATOMIC_RELAXED);
-    kp_debug("store", "%s from %s stored as %s", sop, src, p.rel);
+    *out = p;
     return 0;
 fail:
     unlink(req->tmp_path);
     __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
     res->reason = "storage error";
     kp_error("store", "%s from %s: %s", sop, src, kp_strerror(rc));
+    free(p);
+    return rc;
+}
+
+int kp_ingest_commit(kp_ingest_t *g, kp_ingest_pending_t **ps, size_t n, int *rcs)
+{
+    int first = 0;
+    if (!n) return 0;
+    pthread_mutex_lock(&g->mu);
+    if (g->stopping) {
+        for (size_t i = 0; i < n; i++) {
+            ps[i]->rc = KP_EAGAIN;
+            ps[i]->done = true;
+        }
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            s_pending_t *p = ps[i];
+            p->next = NULL;
+            if (g->tail)
+                g->tail->next = p;
+            else
+                g->head = p;
+            g->tail = p;
+        }
+        pthread_cond_signal(&g->work);
+    }
+    for (size_t i = 0; i < n; i++)
+        while (!ps[i]->done)
+            pthread_cond_wait(&g->ready, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+    for (size_t i = 0; i < n; i++) {
+        s_pending_t *p = ps[i];
+        if (rcs) rcs[i] = p->rc;
+        if (p->rc) {
+            /* The file may be in place, but without an outbox row the sender was not told
+             * success: it sends again, and an identical copy is then a cheap no-op. */
+            kp_error("store", "%s from %s: not acknowledged: %s", p->sop, p->ae, kp_strerror(p->rc));
+            __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
+            if (!first) first = p->rc;
+        } else {
+            __atomic_add_fetch(&g->stored, 1, __ATOMIC_RELAXED);
+            kp_debug("store", "%s from %s stored as %s", p->sop, p->ae, p->rel);
+        }
+        free(p);
+        ps[i] = NULL;
+    }
+    return first;
+}
+
+int kp_ingest_store(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_result_t *res)
+{
+    kp_ingest_pending_t *p = NULL;
+    int rc = kp_ingest_prepare(g, req, res, &p);
+    if (rc) return rc;
+    rc = kp_ingest_commit(g, &p, 1, NULL);
+    if (rc) res->reason = "the archive could not record the instance (database or storage)";
     return rc;
 }
 

@@ -25,6 +25,7 @@
 #include "kp_storage.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct kp_ingest kp_ingest_t;
@@ -57,6 +58,16 @@ typedef struct kp_ingest_result {
  * SOP UID exists and storage.duplicate_policy is reject), KP_EIO, KP_EDB, KP_EAGAIN (stopping).
  * The temp file is gone afterwards in every case. */
 int kp_ingest_store(kp_ingest_t *ing, const kp_ingest_req_t *req, kp_ingest_result_t *res);
+
+/* The same in two steps, so that a caller with several instances (a STOW-RS request) gets them
+ * all into one commit: kp_ingest_prepare() does the checks and makes the file durable (0 and
+ * *pending set, or an error as above, *pending NULL); kp_ingest_commit() records the n prepared
+ * instances in the outbox and waits: rcs[i] (if rcs is not NULL) gets each one's result, and the
+ * first error (or 0) is returned. Every pending handle is consumed. */
+typedef struct kp_ingest_pending kp_ingest_pending_t;
+int kp_ingest_prepare(kp_ingest_t *ing, const kp_ingest_req_t *req, kp_ingest_result_t *res,
+                      kp_ingest_pending_t **pending);
+int kp_ingest_commit(kp_ingest_t *ing, kp_ingest_pending_t **pending, size_t n, int *rcs);
 
 /* Instances stored / failed since start (for logs). */
 void kp_ingest_counts(kp_ingest_t *ing, long *stored, long *failed);

@@ -206,3 +206,34 @@ bool kp_frames_acceptable(const char *accept, const char *ts, const char *media)
     }
     return false;
 }
+
+const char *kp_frames_choose(const char *accept, const char *ts, const char *media,
+                             const char *const *producible)
+{
+    if (kp_frames_acceptable(accept, ts, media)) return ts;
+    if (!producible || !accept) return NULL;
+    const char *p = accept;
+    while (*p) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        while (len && *p == ' ') p++, len--;
+        char syntax[80] = "", type[80] = "";
+        bool has_ts = s_param(p, len, "transfer-syntax", syntax, sizeof syntax);
+        bool has_type = s_param(p, len, "type", type, sizeof type);
+        bool multipart = !strncasecmp(p, "multipart/related", 17);
+        const char *mt = multipart ? (has_type ? type : NULL) : p;
+        size_t mtl = mt ? strcspn(mt, ";, ") : 0;
+        bool dicom = !strcmp(media, "dicom");
+        bool media_ok = !mt || (mtl == 3 && !strncmp(mt, "*/*", 3)) ||
+                        (dicom && mtl == 17 && !strncmp(mt, "application/dicom", 17)) ||
+                        (!dicom && mtl == 24 && !strncmp(mt, "application/octet-stream", 24));
+        /* No transfer-syntax parameter means the default: Explicit VR Little Endian. */
+        const char *want = has_ts ? syntax : "1.2.840.10008.1.2.1";
+        if (media_ok && strcmp(want, "*"))
+            for (size_t i = 0; producible[i]; i++)
+                if (!strcmp(producible[i], want)) return producible[i];
+        if (!e) break;
+        p = e + 1;
+    }
+    return NULL;
+}

@@ -45,4 +45,12 @@ bool kp_frames_native(const char *ts);
  * pixel bytes are the same in every little-endian syntax). */
 bool kp_frames_acceptable(const char *accept, const char *ts, const char *media);
 
+/* The transfer syntax to send: ts itself when kp_frames_acceptable() says the stored syntax may go
+ * as is; otherwise the first syntax of `producible` (NULL-terminated: what the caller can decode
+ * or transcode to) that an Accept entry of the right media type asks for (an entry without a
+ * transfer-syntax parameter asks for the default, Explicit VR Little Endian). NULL: nothing
+ * acceptable can be produced (406). The result points to ts or into producible. */
+const char *kp_frames_choose(const char *accept, const char *ts, const char *media,
+                             const char *const *producible);
+
 #endif

@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define KP_HTTP_MAX_PARAMS 4
 
@@ -23,10 +24,30 @@ typedef struct kp_http_req {
     char *query;         /* raw text after '?', or NULL (owned) */
     char *if_none_match; /* If-None-Match header value, or NULL (owned) */
     char *accept;        /* Accept header value, or NULL (owned) */
+    char *range;         /* Range header value, or NULL (owned) */
+    char *if_modified_since; /* If-Modified-Since header value, or NULL (owned) */
+    char *content_type;  /* Content-Type of the request body, or NULL (owned) */
+    char *body;          /* request body (a private copy, owned), or NULL */
+    size_t body_len;
+    char *origin;        /* "https://" + the request's authority, for absolute URLs (owned) */
+    bool head;           /* a HEAD request (routed as GET; the body is not sent) */
     const struct kp_route *route;
     char params[KP_HTTP_MAX_PARAMS][65]; /* the {uid} / {frames} segments of the path */
     int nparams;
+    char rest[256]; /* a trailing {tagpath...}: the rest of the path (e.g. 00420011 or
+                     * 00540016/0/00181072), validated as hex tags and item numbers */
 } kp_http_req_t;
+
+/* A piece of a streamed body: owned bytes, or a byte range of a stored file that the event loop
+ * reads and sends chunk by chunk (so a whole study is never held in memory). */
+typedef struct kp_http_seg {
+    char *mem;          /* owned bytes, or NULL for a file range */
+    char *path;         /* absolute path of the file (owned) when mem is NULL */
+    int64_t off, len;   /* the range (mem: off 0, len bytes) */
+    int64_t file_size;  /* the file's size when the range was planned: a file that changed
+                         * size since (replaced by a compressed copy) aborts the response */
+    bool temp;          /* a temporary file of this response: unlinked when it is freed */
+} kp_http_seg_t;
 
 typedef struct kp_http_resp {
     int status;
@@ -38,12 +59,25 @@ typedef struct kp_http_resp {
     char allow[64];    /* Allow header for 405, or "" */
     char *warning;     /* Warning header text (owned) or NULL */
     bool compressible; /* may be gzipped when the client accepts it */
+    char content_range[96]; /* Content-Range for 206 / 416, or "" */
+    char last_modified[40]; /* Last-Modified (IMF-fixdate), or "" */
+    /* A streamed body: when nsegs > 0 the body is these segments in order and body is NULL. */
+    kp_http_seg_t *segs;
+    size_t nsegs, segcap;
 } kp_http_resp_t;
 
-/* What a handler may use: its own database connection and the configuration (read-only). */
+struct kp_storage;
+struct kp_ingest;
+struct kp_mdcache;
+
+/* What a handler may use: its own database connection, the configuration (read-only), the
+ * storage, the shared ingest path (STOW-RS) and the metadata cache (both thread-safe). */
 typedef struct kp_http_env {
     kp_db_t *db;
     const kp_config_t *cfg;
+    struct kp_storage *st;
+    struct kp_ingest *ing;
+    struct kp_mdcache *mdcache; /* may be NULL */
 } kp_http_env_t;
 
 /* A route handler: fills resp; returns 0 (resp complete) or a negative KP_E* code, in which case
@@ -54,7 +88,18 @@ typedef int (*kp_route_fn)(kp_http_env_t *env, const kp_http_req_t *req, kp_http
  * 405 and 431 have no catalogue row of their own). detail may be NULL. */
 void kp_http_error(kp_http_resp_t *resp, int code, int status, const char *message,
                    const char *detail);
-/* Frees what resp owns (body, warning) and clears it. */
+/* Appends a segment of owned bytes (taken over; freed with resp). */
+void kp_http_seg_mem(kp_http_resp_t *resp, char *mem, size_t len);
+/* Appends a copy of the string s. */
+void kp_http_seg_str(kp_http_resp_t *resp, const char *s);
+/* Appends len bytes of the file at path (copied) from off; file_size is its size now. */
+void kp_http_seg_file(kp_http_resp_t *resp, const char *path, int64_t off, int64_t len,
+                      int64_t file_size);
+/* Appends a whole temporary file (taken over: unlinked when the response is freed). */
+void kp_http_seg_tempfile(kp_http_resp_t *resp, const char *path, int64_t size);
+/* Total length of the body (segments or body). */
+int64_t kp_http_resp_length(const kp_http_resp_t *resp);
+/* Frees what resp owns (body, warning, segments) and clears it. */
 void kp_http_resp_clear(kp_http_resp_t *resp);
 /* Frees what req owns and clears it. */
 void kp_http_req_clear(kp_http_req_t *req);

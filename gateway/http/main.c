@@ -10,10 +10,15 @@
 #include "kp_config.h"
 #include "kp_db.h"
 #include "kp_errors.h"
+#include "kp_dicom.h"
 #include "kp_http.h"
+#include "kp_ingest.h"
+#include "kp_bus.h"
 #include "kp_log.h"
+#include "kp_mdcache.h"
 #include "kp_routes.h"
 #include "kp_static.h"
+#include "kp_storage.h"
 #include "kp_tls.h"
 
 #include <errno.h>
@@ -29,6 +34,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <h2o.h>
@@ -78,6 +84,11 @@ static struct {
     pthread_t *workers;
     kp_db_t **dbs;
     int nworkers;
+    kp_storage_t *st;  /* stored files; STOW-RS temp files */
+    kp_ingest_t *ing;  /* the durable store path shared with pacs-dicomd (STOW-RS) */
+    kp_mdcache_t *mdcache; /* WADO-RS metadata responses (NULL when disabled) */
+    pthread_t events;      /* study.changed subscriber: invalidates the metadata cache */
+    bool events_started;
     int queued; /* jobs waiting for a worker */
 } s_g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
@@ -106,6 +117,14 @@ static const char *s_reason(int status)
     switch (status) {
     case 200:
         return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 206:
+        return "Partial Content";
     case 301:
         return "Moved Permanently";
     case 304:
@@ -128,6 +147,8 @@ static const char *s_reason(int status)
         return "Payload Too Large";
     case 415:
         return "Unsupported Media Type";
+    case 416:
+        return "Range Not Satisfiable";
     case 431:
         return "Request Header Fields Too Large";
     case 500:
@@ -184,25 +205,144 @@ static void s_static_headers(h2o_req_t *req)
     s_security_headers(req, req->scheme == &H2O_URL_SCHEME_HTTPS);
 }
 
+/* ---- streamed bodies (loop thread) ----------------------------------------------------------
+ * A response whose body is a list of segments (kp_http_seg_t) is sent by a generator: each time
+ * H2O asks for more (proceed), up to S_STREAM_CHUNK bytes are read from the stored files into one
+ * buffer (memory segments are sent in place), so memory stays bounded whatever the size of the
+ * study. The files are opened here, one at a time; a file whose size differs from the one the
+ * worker saw (replaced meanwhile) aborts the response rather than send a wrong Content-Length. */
+#define S_STREAM_CHUNK (1 << 20)
+#define S_STREAM_VECS 16
+
+typedef struct s_stream {
+    h2o_generator_t super;
+    kp_http_resp_t resp; /* taken over from the job */
+    size_t seg;          /* current segment */
+    int64_t pos;         /* bytes of it already sent */
+    int fd;              /* open file of the current segment, or -1 */
+    char *buf;
+} s_stream_t;
+
+static void s_stream_dispose(void *p)
+{
+    s_stream_t *st = p;
+    if (st->fd >= 0) close(st->fd);
+    free(st->buf);
+    kp_http_resp_clear(&st->resp);
+}
+
+static void s_stream_send(s_stream_t *st, h2o_req_t *req)
+{
+    h2o_iovec_t vecs[S_STREAM_VECS];
+    size_t n = 0, used = 0;
+    while (st->seg < st->resp.nsegs && n < S_STREAM_VECS && used < S_STREAM_CHUNK) {
+        kp_http_seg_t *sg = &st->resp.segs[st->seg];
+        int64_t left = sg->len - st->pos;
+        if (left > 0 && sg->mem) {
+            vecs[n++] = h2o_iovec_init(sg->mem + st->pos, (size_t)left);
+            st->pos += left;
+        } else if (left > 0) {
+            if (st->fd < 0) {
+                struct stat sb;
+                st->fd = open(sg->path, O_RDONLY | O_CLOEXEC);
+                if (st->fd < 0 || fstat(st->fd, &sb) || (int64_t)sb.st_size != sg->file_size) {
+                    kp_error("http", "%s changed or vanished while being sent; response aborted",
+                             sg->path);
+                    goto fail;
+                }
+            }
+            if (!st->buf && !(st->buf = malloc(S_STREAM_CHUNK))) abort();
+            int64_t room = (int64_t)(S_STREAM_CHUNK - used);
+            size_t want = (size_t)(left < room ? left : room);
+            ssize_t r = pread(st->fd, st->buf + used, want, (off_t)(sg->off + st->pos));
+            if (r <= 0) {
+                kp_error("http", "%s: read error while sending; response aborted", sg->path);
+                goto fail;
+            }
+            vecs[n++] = h2o_iovec_init(st->buf + used, (size_t)r);
+            used += (size_t)r;
+            st->pos += r;
+        }
+        if (st->pos >= sg->len) {
+            if (st->fd >= 0) close(st->fd);
+            st->fd = -1;
+            st->seg++;
+            st->pos = 0;
+        }
+    }
+    h2o_send(req, vecs, n,
+             st->seg >= st->resp.nsegs ? H2O_SEND_STATE_FINAL : H2O_SEND_STATE_IN_PROGRESS);
+    return;
+fail:
+    if (st->fd >= 0) close(st->fd);
+    st->fd = -1;
+    h2o_send(req, NULL, 0, H2O_SEND_STATE_ERROR);
+}
+
+static void s_stream_proceed(h2o_generator_t *g, h2o_req_t *req)
+{
+    s_stream_send((s_stream_t *)g, req);
+}
+
+static void s_stream_stop(h2o_generator_t *g, h2o_req_t *req)
+{
+    (void)g;
+    (void)req; /* the pool's dispose callback frees everything */
+}
+
+static void s_add_header_copy(h2o_req_t *req, const h2o_token_t *token, const char *v)
+{
+    h2o_iovec_t c = h2o_strdup(&req->pool, v, strlen(v));
+    h2o_add_header(&req->pool, &req->res.headers, token, NULL, c.base, c.len);
+}
+
+/* CORS: the Origin of this request when http.cors_origins allows it, else NULL. */
+static const char *s_cors_origin(h2o_req_t *req, char *buf, size_t buflen)
+{
+    const char *list = s_g.cfg->http_cors_origins;
+    if (!list || !*list) return NULL;
+    ssize_t h = h2o_find_header_by_str(&req->headers, H2O_STRLIT("origin"), -1);
+    if (h < 0) return NULL;
+    h2o_iovec_t o = req->headers.entries[h].value;
+    if (!o.len || o.len >= buflen) return NULL;
+    memcpy(buf, o.base, o.len);
+    buf[o.len] = 0;
+    if (!strcmp(list, "*")) return buf;
+    for (const char *p = list; *p;) {
+        while (*p == ' ' || *p == ',') p++;
+        size_t l = strcspn(p, ", ");
+        if (l == o.len && !strncasecmp(p, buf, l)) return buf;
+        p += l;
+    }
+    return NULL;
+}
+
+static void s_cors_headers(h2o_req_t *req)
+{
+    char origin[256];
+    const char *o = s_cors_origin(req, origin, sizeof origin);
+    if (!o) return;
+    s_header(req, "access-control-allow-origin", o);
+    s_header(req, "vary", "Origin");
+    s_header(req, "access-control-expose-headers",
+             "ETag, Last-Modified, Warning, Content-Range, Content-Location, Retry-After");
+}
+
 static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
 {
     int tls = req->scheme == &H2O_URL_SCHEME_HTTPS;
     req->res.status = r->status;
     req->res.reason = s_reason(r->status);
     s_security_headers(req, tls);
-    if (r->content_type && r->status != 304) {
-        /* copied into the request's pool: r may be freed before the headers are written */
-        h2o_iovec_t v = h2o_strdup(&req->pool, r->content_type, strlen(r->content_type));
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, v.base, v.len);
-    }
-    if (r->etag[0]) {
-        h2o_iovec_t v = h2o_strdup(&req->pool, r->etag, strlen(r->etag));
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ETAG, NULL, v.base, v.len);
-    }
-    if (r->allow[0]) {
-        h2o_iovec_t v = h2o_strdup(&req->pool, r->allow, strlen(r->allow));
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ALLOW, NULL, v.base, v.len);
-    }
+    s_cors_headers(req);
+    if (r->content_type && r->status != 304) s_add_header_copy(req, H2O_TOKEN_CONTENT_TYPE, r->content_type);
+    if (r->etag[0]) s_add_header_copy(req, H2O_TOKEN_ETAG, r->etag);
+    if (r->last_modified[0]) s_add_header_copy(req, H2O_TOKEN_LAST_MODIFIED, r->last_modified);
+    if (r->content_range[0]) s_add_header_copy(req, H2O_TOKEN_CONTENT_RANGE, r->content_range);
+    if (r->status == 206 || (r->status == 200 && r->content_range[0] == 0 && r->nsegs))
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ACCEPT_RANGES, NULL,
+                       H2O_STRLIT("bytes"));
+    if (r->allow[0]) s_add_header_copy(req, H2O_TOKEN_ALLOW, r->allow);
     if (r->warning) {
         char buf[1024];
         int n = snprintf(buf, sizeof buf, "299 pacs-gateway \"%.900s\"", r->warning);
@@ -211,7 +351,7 @@ static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
         h2o_add_header_by_str(&req->pool, &req->res.headers, H2O_STRLIT("warning"), 0, NULL, v.base,
                               v.len);
     }
-    if (r->status == 200 || r->status == 304) {
+    if (r->status == 200 || r->status == 206 || r->status == 304) {
         h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL,
                        H2O_STRLIT("private, no-cache"));
     } else {
@@ -219,6 +359,25 @@ static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
                        H2O_STRLIT("no-store"));
     }
     req->res.mime_attr = r->compressible ? &s_compressible : &s_as_is;
+    if (r->nsegs && r->status != 304) {
+        int64_t total = kp_http_resp_length(r);
+        req->res.content_length = (size_t)total;
+        s_access_log(req, r->status, (size_t)total);
+        s_stream_t *st = h2o_mem_alloc_shared(&req->pool, sizeof *st, s_stream_dispose);
+        memset(st, 0, sizeof *st);
+        st->super.proceed = s_stream_proceed;
+        st->super.stop = s_stream_stop;
+        st->fd = -1;
+        st->resp = *r; /* the stream owns the segments now */
+        memset(r, 0, sizeof *r);
+        h2o_start_response(req, &st->super);
+        if (h2o_memis(req->input.method.base, req->input.method.len, H2O_STRLIT("HEAD"))) {
+            h2o_send(req, NULL, 0, H2O_SEND_STATE_FINAL);
+            return;
+        }
+        s_stream_send(st, req);
+        return;
+    }
     size_t len = r->status == 304 ? 0 : r->len;
     req->res.content_length = len;
     s_access_log(req, r->status, len);
@@ -290,7 +449,8 @@ static void s_token_dispose(void *p)
 
 static void *s_worker_main(void *arg)
 {
-    kp_http_env_t env = {.db = (kp_db_t *)arg, .cfg = s_g.cfg};
+    kp_http_env_t env = {.db = (kp_db_t *)arg, .cfg = s_g.cfg, .st = s_g.st, .ing = s_g.ing,
+                         .mdcache = s_g.mdcache};
     for (;;) {
         pthread_mutex_lock(&s_g.mu);
         while (!s_g.head && !s_g.stopping)
@@ -343,6 +503,56 @@ static char *s_strndup(const char *s, size_t n)
     return d;
 }
 
+/* OPTIONS on an API resource: 204 with Allow, plus the CORS preflight answer for an allowed
+ * Origin (a disallowed one gets no CORS headers, so the browser refuses the real request). */
+static void s_options(h2o_req_t *req, const char *allow)
+{
+    char methods[80];
+    snprintf(methods, sizeof methods, "%s, OPTIONS%s", allow, strstr(allow, "GET") ? ", HEAD" : "");
+    req->res.status = 204;
+    req->res.reason = s_reason(204);
+    s_security_headers(req, 1);
+    s_add_header_copy(req, H2O_TOKEN_ALLOW, methods);
+    char origin[256];
+    const char *o = s_cors_origin(req, origin, sizeof origin);
+    if (o) {
+        s_header(req, "access-control-allow-origin", o);
+        s_header(req, "vary", "Origin");
+        s_header(req, "access-control-allow-methods", methods);
+        s_header(req, "access-control-allow-headers",
+                 "Accept, Content-Type, Authorization, If-None-Match, If-Modified-Since, Range, "
+                 "X-Requested-With");
+        s_header(req, "access-control-max-age", "600");
+    }
+    req->res.content_length = 0;
+    s_access_log(req, 204, 0);
+    h2o_send_inline(req, "", 0);
+}
+
+/* ---- events: study.changed -> metadata cache ------------------------------------------------ */
+static void *s_events_main(void *arg)
+{
+    (void)arg;
+    kp_bus_sub_t *sub = kp_bus_subscribe(s_g.cfg, "study.");
+    if (!sub) {
+        kp_warn("cache", "cannot subscribe to study events; metadata is cached for %ld s at most",
+                s_g.cfg->http_metadata_cache_ttl);
+        return NULL;
+    }
+    while (!s_stop) {
+        kp_msg_t m = {0};
+        if (kp_bus_sub_recv(sub, &m, 200)) continue;
+        const char *study = json_string_value(json_object_get(m.payload, "study"));
+        if (!strcmp(m.type, "study.changed") && study) {
+            kp_mdcache_invalidate(s_g.mdcache, study);
+            kp_debug("cache", "study %s changed: its metadata leaves the cache", study);
+        }
+        kp_msg_clear(&m);
+    }
+    kp_bus_sub_destroy(&sub);
+    return NULL;
+}
+
 /* ---- request entry (loop thread) ----------------------------------------------------------- */
 static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
 {
@@ -375,8 +585,15 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     s_job_t *job = calloc(1, sizeof *job);
     if (!job) abort();
     char allow[64];
-    kp_route_result_t m = kp_routes_match(method, req->path_normalized.base,
+    bool head = !strcmp(method, "HEAD"), options = !strcmp(method, "OPTIONS");
+    kp_route_result_t m = kp_routes_match(head ? "GET" : method, req->path_normalized.base,
                                           req->path_normalized.len, &job->in, allow, sizeof allow);
+    if (options && m == KP_ROUTE_BAD_METHOD) {
+        /* OPTIONS, and CORS preflight when http.cors_origins allows the Origin. */
+        s_job_free(job);
+        s_options(req, allow);
+        return 0;
+    }
     if (m != KP_ROUTE_OK) {
         s_job_free(job);
         if (m == KP_ROUTE_NOT_FOUND)
@@ -407,6 +624,47 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     if (h >= 0)
         job->in.accept =
             s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
+    h = h2o_find_header(&req->headers, H2O_TOKEN_IF_MODIFIED_SINCE, -1);
+    if (h >= 0)
+        job->in.if_modified_since =
+            s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
+    h = h2o_find_header(&req->headers, H2O_TOKEN_RANGE, -1);
+    if (h >= 0)
+        job->in.range =
+            s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
+    h = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_TYPE, -1);
+    if (h >= 0)
+        job->in.content_type =
+            s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
+    job->in.head = head;
+    {
+        size_t al = req->authority.len < 256 ? req->authority.len : 0;
+        bool ok = al > 0;
+        for (size_t i = 0; ok && i < al; i++) {
+            char c = req->authority.base[i];
+            ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 c == '.' || c == '-' || c == ':' || c == '[' || c == ']';
+        }
+        if (ok) {
+            job->in.origin = malloc(al + 9);
+            if (!job->in.origin) abort();
+            memcpy(job->in.origin, "https://", 8);
+            memcpy(job->in.origin + 8, req->authority.base, al);
+            job->in.origin[al + 8] = 0;
+        }
+    }
+    /* H2O 2.2.5 hands over the whole body (it enforces http.max_body_mb, 413). It belongs to the
+     * request, which may vanish while a worker runs, so the worker gets its own copy. */
+    if (req->entity.base && req->entity.len) {
+        job->in.body = malloc(req->entity.len);
+        if (!job->in.body) {
+            s_job_free(job);
+            s_respond_error(req, KP_ENOMEM, 0, "request body too large for memory", NULL, NULL);
+            return 0;
+        }
+        memcpy(job->in.body, req->entity.base, req->entity.len);
+        job->in.body_len = req->entity.len;
+    }
     /* Back-pressure: a bounded queue; beyond it the client is told to retry. */
     pthread_mutex_lock(&s_g.mu);
     int queued = s_g.queued;
@@ -591,6 +849,17 @@ int main(int argc, char **argv)
         kp_warn("auth", "authentication is NOT enforced (http.dev_allow_all = true): every "
                         "request is allowed; never expose this gateway to a network");
     if (s_tls_setup(cfg)) goto out;
+    if (kp_dicom_init()) goto out;
+    s_g.st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
+    if (!s_g.st) goto out;
+    s_g.ing = kp_ingest_new(cfg, s_g.st, "gateway");
+    if (!s_g.ing) goto out;
+    if (cfg->http_metadata_cache_mb > 0) {
+        s_g.mdcache = kp_mdcache_new((size_t)cfg->http_metadata_cache_mb << 20,
+                                     (int)cfg->http_metadata_cache_ttl);
+        if (!s_g.mdcache) goto out;
+        if (pthread_create(&s_g.events, NULL, s_events_main, NULL) == 0) s_g.events_started = true;
+    }
     s_setup_globalconf(cfg);
 
     /* A stale server sharing the port through SO_REUSEPORT would silently take a share of the
@@ -667,6 +936,12 @@ out_dbs:
     for (int i = 0; i < s_g.nworkers; i++)
         kp_db_destroy(&s_g.dbs[i]);
 out:
+    s_stop = 1;
+    if (s_g.events_started) pthread_join(s_g.events, NULL);
+    kp_mdcache_destroy(&s_g.mdcache);
+    kp_ingest_destroy(&s_g.ing);
+    kp_storage_destroy(&s_g.st);
+    kp_dicom_shutdown();
     kp_info("http", "exiting (status %d)", status);
     /* The loops, contexts and SSL_CTX stay allocated until exit: H2O has no complete teardown
      * in 2.2.5 (see tests/lsan.supp); they remain reachable through s_g. */

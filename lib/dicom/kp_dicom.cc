@@ -23,6 +23,7 @@
 #include <dcmtk/config/osconfig.h>
 
 #include <dcmtk/dcmdata/dcdict.h>
+#include <dcmtk/dcmdata/dcfcache.h>
 #include <dcmtk/dcmdata/dcistrmf.h>
 #include <dcmtk/dcmdata/dcjson.h>
 #include <dcmtk/dcmdata/dcrledrg.h>
@@ -600,6 +601,70 @@ extern "C" int kp_dicom_pixel_location(kp_dicom_file_t *f, int64_t *offset, int6
         *length = len;
         return KP_OK;
     } catch (...) {
+        return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_bulk(kp_dicom_file_t *f, const char *tagpath, int64_t *offset,
+                             int64_t *length, unsigned char **mem)
+{
+    if (!f || !tagpath || !offset || !length || !mem) return KP_EINVAL;
+    *mem = nullptr;
+    try {
+        DcmItem *item = f->ff.getDataset();
+        DcmElement *el = nullptr;
+        const char *p = tagpath;
+        bool top = true;
+        for (;;) {
+            /* a tag: 8 hex digits */
+            if (strspn(p, "0123456789abcdefABCDEF") != 8 || (p[8] && p[8] != '/'))
+                return KP_EINVAL;
+            unsigned long t = strtoul(std::string(p, 8).c_str(), nullptr, 16);
+            DcmTagKey key(static_cast<Uint16>(t >> 16), static_cast<Uint16>(t & 0xffff));
+            if (item->findAndGetElement(key, el, OFFalse).bad() || !el) return KP_ENOTFOUND;
+            p += 8;
+            if (!*p) break;
+            /* "/index/" then the next tag inside that item of the sequence */
+            if (el->ident() != EVR_SQ) return KP_ENOTFOUND;
+            p++;
+            size_t nd = strspn(p, "0123456789");
+            if (!nd || nd > 6 || p[nd] != '/') return KP_EINVAL;
+            unsigned long idx = strtoul(p, nullptr, 10);
+            DcmSequenceOfItems *sq = static_cast<DcmSequenceOfItems *>(el);
+            if (idx >= sq->card()) return KP_ENOTFOUND;
+            item = sq->getItem(idx);
+            p += nd + 1;
+            top = false;
+        }
+        if (el->ident() == EVR_SQ) return KP_ENOTFOUND;
+        DcmXfer xfer(f->ff.getDataset()->getOriginalXfer());
+        const Uint32 lf = el->getLengthField();
+        if (top && el->getTag() == DCM_PixelData && (lf == DCM_UndefinedLength || xfer.isEncapsulated()))
+            return KP_EUNSUPPORTED; /* encapsulated pixel data: served as frames */
+        if (lf == DCM_UndefinedLength) return KP_EUNSUPPORTED;
+        const DcmInputStreamFactory *fac = el->getInputStream();
+        if (fac && fac->ident() == DFT_DcmInputFileStreamFactory &&
+            xfer.getStreamCompression() == ESC_none && xfer.getByteOrder() == EBO_LittleEndian) {
+            *offset = static_cast<int64_t>(
+                static_cast<const DcmInputFileStreamFactory *>(fac)->getOffset());
+            *length = static_cast<int64_t>(lf);
+            return KP_OK;
+        }
+        /* Loaded (small) or stored big endian / deflated: a little-endian copy. */
+        unsigned char *buf = static_cast<unsigned char *>(malloc(lf ? lf : 1));
+        if (!buf) return KP_ENOMEM;
+        DcmFileCache cache;
+        if (lf && el->getPartialValue(buf, 0, lf, &cache, EBO_LittleEndian).bad()) {
+            free(buf);
+            return KP_EIO;
+        }
+        *mem = buf;
+        *offset = 0;
+        *length = static_cast<int64_t>(lf);
+        return KP_OK;
+    } catch (...) {
+        free(*mem);
+        *mem = nullptr;
         return KP_EINTERNAL;
     }
 }

@@ -64,6 +64,16 @@ const char *kp_dicom_transfer_syntax(kp_dicom_file_t *f);
  * walking the file's top-level element headers (skipping nested sequences) up to 7FE0,0010. */
 int kp_dicom_pixel_location(kp_dicom_file_t *f, int64_t *offset, int64_t *length);
 
+/* The value of the element at tagpath (the path of a BulkDataURI: "00420011", or nested
+ * "00540016/0/00181072") in the open file f, for WADO-RS bulk data. When the value lies in the
+ * file unencoded and little endian, *offset / *length give its place and *mem is NULL (send it
+ * from the file); otherwise *mem is a malloc'd little-endian copy of *length bytes (caller
+ * frees). Returns 0, KP_EINVAL (malformed path), KP_ENOTFOUND (no such element, item or a
+ * sequence), KP_EUNSUPPORTED (encapsulated pixel data, which is retrieved as frames, or an
+ * undefined length), KP_EIO, KP_ENOMEM. */
+int kp_dicom_bulk(kp_dicom_file_t *f, const char *tagpath, int64_t *offset, int64_t *length,
+                  unsigned char **mem);
+
 /* The data set (never the File Meta Information, like dcm2json without +m) as one compact DICOM
  * JSON object (PS3.18 F), UTF-8 (a byte that is not valid UTF-8 read as ISO 8859-1). Returns a
  * malloc'd string the caller frees, or NULL on error. Every element is written exactly as DCMTK's

@@ -149,8 +149,14 @@ def test_accept_negotiation(gw):
     plain = 'multipart/related; type="application/octet-stream"'
     # a native frame satisfies a request for uncompressed octet-stream
     assert gw.https("GET", url(ct, "/frames/1"), {"Accept": plain})[0] == 200
-    # a JPEG frame cannot, until transcoding exists: 406 with a JSON body
+    # a JPEG frame is decoded for it (DCMTK): Explicit VR LE pixel bytes
     st, h, body = gw.https("GET", url(jpeg, "/frames/1"), {"Accept": plain})
+    assert st == 200, body[:300]
+    parts = parse_multipart(body)
+    assert parts[0][0] == "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+    assert len(parts[0][1]) == jpeg.Rows * jpeg.Columns * jpeg.SamplesPerPixel
+    # JPEG 2000 has no decoder here: 406 with a JSON body
+    st, h, body = gw.https("GET", url(ds_of("j2k"), "/frames/1"), {"Accept": plain})
     assert st == 406 and b'"not_acceptable"' in body
     # asking for the stored syntax or its media type works
     assert gw.https("GET", url(jpeg, "/frames/1"),
@@ -171,10 +177,10 @@ def test_instance_retrieval_is_the_stored_file(gw):
         path = gw.sql("SELECT path FROM instances WHERE sop_uid = %s", (ds.SOPInstanceUID,))[0][0]
         with open(os.path.join(gw.env["KP_STORAGE_ROOT"], path), "rb") as f:
             assert parts[0][1] == f.read()
-    # another transfer syntax than the stored one is refused clearly (no transcoding yet)
-    st, h, body = gw.https("GET", url(ds_of("jpeg")), {
+    # a syntax that cannot be produced (JPEG 2000 encoding) is refused clearly
+    st, h, body = gw.https("GET", url(ds_of("ct")), {
         "Accept": 'multipart/related; type="application/dicom"; '
-                  'transfer-syntax=1.2.840.10008.1.2.1'})
+                  'transfer-syntax=1.2.840.10008.1.2.4.90'})
     assert st == 406 and b"not_acceptable" in body
 
 
@@ -193,3 +199,37 @@ def test_bad_requests(gw):
         st, h, body = gw.https("GET", unknown + suffix)
         assert st == 404 and b'"not_found"' in body
     assert gw.https_ok()
+
+
+def test_metadata_cache_follows_new_instances(gw, tmp_path):
+    """Metadata is cached in the gateway; the indexer's study.changed event drops the entry, so
+    an instance that arrives later is in the very next response (no TTL wait)."""
+    ds = ds_of("emri")
+    path = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/metadata")
+    st, h, body = gw.https("GET", path)
+    assert st == 200
+    import json
+    before = json.loads(body)
+    etag, lm = h["ETag"], h["Last-Modified"]
+    assert lm.endswith(" GMT")
+    # served again (from the cache): same ETag, 304 on revalidation either way
+    st2, h2, _ = gw.https("GET", path)
+    assert st2 == 200 and h2["ETag"] == etag
+    assert gw.https("GET", path, {"If-None-Match": etag})[0] == 304
+    assert gw.https("GET", path, {"If-Modified-Since": lm})[0] == 304
+    assert gw.https("GET", path, {"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"})[0] == 200
+    # a second instance of the same series arrives over DICOM
+    extra = pydicom.dcmread(FILES["emri"])
+    extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".2"
+    extra.InstanceNumber = 2
+    f = str(tmp_path / "extra.dcm")
+    extra.save_as(f)
+    n = gw.count("instances")
+    gw.send_each([f])
+    gw.wait_indexed(n + 1)
+    kp.wait_for(lambda: len(json.loads(gw.https("GET", path)[2])) == len(before) + 1, 10,
+                "the new instance in the series metadata")
+    st, h, body = gw.https("GET", path, {"If-None-Match": etag})
+    assert st == 200 and h["ETag"] != etag
+    assert {i["00080018"]["Value"][0] for i in json.loads(body)} == {
+        ds.SOPInstanceUID, extra.SOPInstanceUID}

@@ -10,6 +10,7 @@
 #include "kp_routes.h"
 
 #include <jansson.h>
+#include <stdio.h>
 #include <string.h>
 
 static kp_route_result_t s_match(const char *method, const char *path, kp_http_req_t *req,
@@ -36,6 +37,28 @@ static void test_matching(void **state)
     assert_string_equal(r.params[2], "6.7");
     assert_int_equal(s_match("GET", "/dicom-web/studies/1.2.3/series", &r, allow), KP_ROUTE_OK);
     assert_string_equal(r.route->pattern, "/dicom-web/studies/{study}/series");
+    assert_int_equal(s_match("POST", "/dicom-web/studies/1.2.3", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.route->permission, "study.upload");
+    assert_int_equal(s_match("GET", "/dicom-web/studies/1.2.3", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.route->permission, "study.download");
+    assert_int_equal(
+        s_match("GET",
+                "/dicom-web/studies/1.2/series/3.4/instances/5.6/bulkdata/00540016/0/00181072",
+                &r, allow),
+        KP_ROUTE_OK);
+    assert_int_equal(r.nparams, 3);
+    assert_string_equal(r.rest, "00540016/0/00181072");
+    assert_int_equal(
+        s_match("GET", "/dicom-web/studies/1.2/series/3.4/instances/5.6/bulkdata/7fe00010", &r,
+                allow),
+        KP_ROUTE_OK);
+    assert_string_equal(r.rest, "7fe00010");
+    assert_int_equal(
+        s_match("GET", "/dicom-web/studies/1.2/series/3.4/instances/5.6/frames/2/rendered", &r,
+                allow),
+        KP_ROUTE_OK);
+    assert_string_equal(r.params[3], "2");
+    assert_int_equal(s_match("GET", "/wado", &r, allow), KP_ROUTE_OK);
 }
 
 static void test_not_found_bad_method_bad_uid(void **state)
@@ -51,7 +74,19 @@ static void test_not_found_bad_method_bad_uid(void **state)
     assert_int_equal(s_match("GET", "/dicom-web/studies/1.2/series/extra/more/x", &r, allow),
                      KP_ROUTE_NOT_FOUND);
     assert_int_equal(s_match("DELETE", "/dicom-web/studies", &r, allow), KP_ROUTE_BAD_METHOD);
+    assert_string_equal(allow, "GET, POST");
+    assert_int_equal(s_match("PUT", "/dicom-web/studies/1.2/series/3.4/metadata", &r, allow),
+                     KP_ROUTE_BAD_METHOD);
     assert_string_equal(allow, "GET");
+    /* bulk data paths: tags (8 hex digits) with item numbers between them, ending on a tag */
+    const char *bad_bulk[] = {"7FE0001", "7FE00010/", "00540016/0", "00540016/x/00181072",
+                              "00540016/0/0018107Z", "00540016//00181072", "../../etc"};
+    for (size_t i = 0; i < sizeof bad_bulk / sizeof bad_bulk[0]; i++) {
+        char p[256];
+        snprintf(p, sizeof p, "/dicom-web/studies/1.2/series/3.4/instances/5.6/bulkdata/%s",
+                 bad_bulk[i]);
+        assert_int_equal(s_match("GET", p, &r, allow), KP_ROUTE_NOT_FOUND);
+    }
     assert_int_equal(s_match("GET", "/dicom-web/studies/1.2.x/series", &r, allow),
                      KP_ROUTE_BAD_UID);
     assert_int_equal(s_match("GET", "/dicom-web/studies/../metadata", &r, allow), KP_ROUTE_BAD_UID);
