@@ -40,7 +40,7 @@ async function canvasStats(page) {
 }
 
 (async () => {
-  const out = { list: {}, viewers: [], failed: [], console: [] };
+  const out = { list: {}, viewers: [], failed: [], console: [], thumbnails: 0 };
   const ctx = await chromium.launchPersistentContext(spec.userDataDir, {
     executablePath: spec.chromium,
     headless: true,
@@ -55,6 +55,10 @@ async function canvasStats(page) {
   page.on('response', r => {
     if (r.url().startsWith(spec.base) && r.status() >= 400)
       out.failed.push({ url: r.url(), status: r.status() });
+    // server-side thumbnails (thumbnailRendering: 'thumbnail'): JPEGs from .../thumbnail
+    if (r.url().startsWith(spec.base) && r.url().includes('/thumbnail') && r.status() === 200 &&
+        (r.headers()['content-type'] || '').startsWith('image/'))
+      out.thumbnails++;
   });
   page.on('requestfailed', r => {
     if (r.url().startsWith(spec.base))

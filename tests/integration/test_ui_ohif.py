@@ -58,6 +58,7 @@ def test_static_files_and_app_config(gw):
     assert st == 200 and h["Content-Type"] == "application/javascript"
     assert h["Cache-Control"] == "no-cache"
     for key in (b"window.location.origin + '/dicom-web'", b"imageRendering: 'wadors'",
+                b"thumbnailRendering: 'thumbnail'", b"'ohif.tours': { $set: [] }",
                 b"enableStudyLazyLoad: true", b"routerBasename: '/'", b"option: 'never'"):
         assert key in body
     # SPA routes get index.html; a missing bundle is a real 404; DICOMweb is untouched
@@ -118,6 +119,7 @@ def test_ohif_shows_every_study(gw, tmp_path):
         assert not v["error"], v
         assert st.get("sd", 0) > 2 and st.get("levels", 0) > 8, v  # not blank or uniform
     assert not failed, failed
+    assert out["thumbnails"] > 0, "the viewer drew no server-side thumbnail"
 
 
 def test_without_the_viewer_dicomweb_still_works(cluster, tmp_path):
