@@ -24,7 +24,7 @@ typedef struct {
     int nbegin, nend;
     char ctype[MAXP][256];
     unsigned char *body[MAXP];
-    size_t len[MAXP];
+    size_t len[MAXP], cap[MAXP];
     bool open;                              /* between part_begin and part_end */
     int abort_begin, abort_data, abort_end; /* return this from the callback when nonzero */
 } s_rec_t;
@@ -46,8 +46,11 @@ static int s_data(void *u, const unsigned char *p, size_t n)
     assert_true(r->open);
     assert_true(n > 0);
     int i = r->nbegin - 1;
-    r->body[i] = realloc(r->body[i], r->len[i] + n);
-    assert_non_null(r->body[i]);
+    if (r->len[i] + n > r->cap[i]) { /* doubling: ASan's realloc always copies */
+        r->cap[i] = 2 * (r->len[i] + n);
+        r->body[i] = realloc(r->body[i], r->cap[i]);
+        assert_non_null(r->body[i]);
+    }
     memcpy(r->body[i] + r->len[i], p, n);
     r->len[i] += n;
     return r->abort_data;
@@ -130,13 +133,16 @@ static void s_parse_all_ways(const char *boundary, const void *buf, size_t len, 
 /* A growable byte string for building bodies. */
 typedef struct {
     unsigned char *p;
-    size_t n;
+    size_t n, cap;
 } s_buf_t;
 
 static void s_put(s_buf_t *b, const void *p, size_t n)
 {
-    b->p = realloc(b->p, b->n + n + 1);
-    assert_non_null(b->p);
+    if (b->n + n > b->cap) {
+        b->cap = 2 * (b->n + n);
+        b->p = realloc(b->p, b->cap);
+        assert_non_null(b->p);
+    }
     memcpy(b->p + b->n, p, n);
     b->n += n;
 }
