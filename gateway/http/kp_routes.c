@@ -434,12 +434,13 @@ static int s_frames(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
     int rc = s_find_instance(env, req, resp, &in);
     if (rc <= 0) return rc;
     rc = 0;
-    if (!in.has_pixels && kp_frames_native(in.ts)) {
-        kp_http_error(resp, KP_ENOTFOUND, 0, "the instance has no pixel data stored as frames",
-                      req->params[2]);
-        return 0;
-    }
-    const char *want = kp_frames_choose(req->accept, in.ts, "frames", s_frame_producible);
+    /* Native pixel data without a file offset (a deflated data set): decoded by DCMTK. */
+    bool inflate = !in.has_pixels && kp_frames_native(in.ts);
+    const char *want = inflate ? (kp_frames_choose(req->accept, TS_EXPLICIT_LE, "frames",
+                                                   s_frame_producible)
+                                      ? s_frame_producible[0]
+                                      : NULL)
+                               : kp_frames_choose(req->accept, in.ts, "frames", s_frame_producible);
     if (!want) {
         kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
                       "frames can be sent as stored (transfer-syntax=*, or the stored syntax's "

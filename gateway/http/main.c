@@ -317,12 +317,21 @@ static const char *s_cors_origin(h2o_req_t *req, char *buf, size_t buflen)
     return NULL;
 }
 
+/* Adds a header whose value is copied into the request's pool (for values on the stack: a
+ * streamed response writes its headers after the caller returned). */
+static void s_header_copy(h2o_req_t *req, const char *name, const char *value)
+{
+    h2o_iovec_t v = h2o_strdup(&req->pool, value, strlen(value));
+    h2o_add_header_by_str(&req->pool, &req->res.headers, name, strlen(name), 1, NULL, v.base,
+                          v.len);
+}
+
 static void s_cors_headers(h2o_req_t *req)
 {
     char origin[256];
     const char *o = s_cors_origin(req, origin, sizeof origin);
     if (!o) return;
-    s_header(req, "access-control-allow-origin", o);
+    s_header_copy(req, "access-control-allow-origin", o);
     s_header(req, "vary", "Origin");
     s_header(req, "access-control-expose-headers",
              "ETag, Last-Modified, Warning, Content-Range, Content-Location, Retry-After");
@@ -516,9 +525,9 @@ static void s_options(h2o_req_t *req, const char *allow)
     char origin[256];
     const char *o = s_cors_origin(req, origin, sizeof origin);
     if (o) {
-        s_header(req, "access-control-allow-origin", o);
+        s_header_copy(req, "access-control-allow-origin", o);
         s_header(req, "vary", "Origin");
-        s_header(req, "access-control-allow-methods", methods);
+        s_header_copy(req, "access-control-allow-methods", methods);
         s_header(req, "access-control-allow-headers",
                  "Accept, Content-Type, Authorization, If-None-Match, If-Modified-Since, Range, "
                  "X-Requested-With");

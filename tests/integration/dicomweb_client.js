@@ -1,11 +1,12 @@
 // A second, independent DICOMweb client: dcmjs's `dicomweb-client` (npm) under node, driven by
-// test_dicomweb_client.py. Usage: node dicomweb_client.js BASE_URL STUDY SERIES SOP
+// test_dicomweb_client.py. Usage: node dicomweb_client.js BASE_URL STUDY SERIES SOP [FILE...]
+// (the FILEs, Part 10 instances, are stored last with STOW-RS, all in one request)
 // Prints one JSON object with what each call returned (sizes, counts, UIDs) on stdout.
 global.XMLHttpRequest = require('xhr2');
 const { api } = require('dicomweb-client');
 
 async function main() {
-  const [base, study, series, sop] = process.argv.slice(2);
+  const [base, study, series, sop, ...files] = process.argv.slice(2);
   const client = new api.DICOMwebClient({ url: base + '/dicom-web' });
   const out = {};
   const studies = await client.searchForStudies({ queryParams: { PatientName: '*' } });
@@ -26,6 +27,15 @@ async function main() {
   });
   out.instance_bytes = inst.byteLength;
   out.instance_dicm = Buffer.from(inst).subarray(128, 132).toString('latin1');
+  if (files.length) {
+    const fs = require('fs');
+    const datasets = files.map((f) => {
+      const b = fs.readFileSync(f);
+      return b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength);
+    });
+    const res = await client.storeInstances({ datasets });
+    out.stored = JSON.parse(typeof res === 'string' ? res : Buffer.from(res).toString('utf8'));
+  }
   console.log(JSON.stringify(out));
 }
 

@@ -11,6 +11,7 @@ import pydicom.encaps
 import pytest
 
 import kp
+from dicomweb import parse_multipart
 
 T = os.path.join(kp.PYDICOM_DATA, "test_files")
 GENERATED = os.path.join(kp.BUILD, "testdata", "wado")
@@ -71,24 +72,6 @@ def ds_of(key):
 def url(ds, suffix=""):
     return (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{ds.SOPInstanceUID}{suffix}")
-
-
-def parse_multipart(body):
-    """(part type, part bytes) list, the way cornerstone's extractMultipart reads a response."""
-    lines = body.split(b"\r\n")
-    boundary = next(l for l in lines if l.startswith(b"--"))
-    parts = []
-    pos = body.index(boundary) + len(boundary) + 2
-    while True:
-        hdr_end = body.index(b"\r\n\r\n", pos)
-        headers = body[pos:hdr_end].split(b"\r\n")
-        ctype = next(h[len(b"Content-Type:"):].strip().decode() for h in headers
-                     if h.startswith(b"Content-Type:"))
-        nxt = body.index(boundary, hdr_end + 4)
-        parts.append((ctype, body[hdr_end + 4:nxt - 2]))
-        if body[nxt + len(boundary):nxt + len(boundary) + 2] == b"--":
-            return parts
-        pos = nxt + len(boundary) + 2
 
 
 def frames_of(ds):
