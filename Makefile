@@ -18,7 +18,7 @@ CC        ?= cc
 CXX       ?= g++
 OPT       ?= -O2
 
-PKGS      := libzmq msgpack libpq openssl jansson inih
+PKGS      := libzmq msgpack libpq openssl jansson inih libjwt libargon2 liboath
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 DCMTK_LIBS := -ldcmnet -ldcmtls -ldcmjpls -ldcmjpeg -ldcmimage -ldcmimgle -ldcmdata -loflog -lofstd -lpng -ljpeg
@@ -77,7 +77,7 @@ $(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
 $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
-UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o)
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_www.o)
 UNIT_EXTRA_test_mdcache := $(BUILD)/obj/gateway/http/kp_mdcache.o
 UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o
 UNIT_EXTRA_test_multipart := $(BUILD)/obj/gateway/http/kp_multipart.o

@@ -13,11 +13,11 @@
 #include "kp_find.h"
 
 #include "kp_db.h"
+#include "kp_dbpool.h"
 #include "kp_errors.h"
 #include "kp_find_sql.h"
 #include "kp_log.h"
 
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,9 +25,7 @@
 
 struct kp_find {
     const kp_config_t *cfg;
-    pthread_mutex_t mu;
-    kp_db_t **idle;
-    int nidle, cap;
+    kp_dbpool_t *pool;
 };
 
 kp_find_t *kp_find_new(const kp_config_t *cfg, int max_conns)
@@ -35,49 +33,20 @@ kp_find_t *kp_find_new(const kp_config_t *cfg, int max_conns)
     kp_find_t *f = calloc(1, sizeof *f);
     if (!f) return NULL;
     f->cfg = cfg;
-    f->cap = max_conns > 0 ? max_conns : 1;
-    f->idle = calloc((size_t)f->cap, sizeof *f->idle);
-    if (!f->idle) {
+    f->pool = kp_dbpool_new(cfg->db_conninfo, max_conns);
+    if (!f->pool) {
         free(f);
         return NULL;
     }
-    pthread_mutex_init(&f->mu, NULL);
     return f;
 }
 
 void kp_find_destroy(kp_find_t **fp)
 {
     if (!fp || !*fp) return;
-    kp_find_t *f = *fp;
-    for (int i = 0; i < f->nidle; i++)
-        kp_db_destroy(&f->idle[i]);
-    free(f->idle);
-    pthread_mutex_destroy(&f->mu);
-    free(f);
+    kp_dbpool_destroy(&(*fp)->pool);
+    free(*fp);
     *fp = NULL;
-}
-
-static kp_db_t *s_acquire(kp_find_t *f)
-{
-    kp_db_t *db = NULL;
-    pthread_mutex_lock(&f->mu);
-    if (f->nidle > 0) db = f->idle[--f->nidle];
-    pthread_mutex_unlock(&f->mu);
-    if (db) return db;
-    int err = 0;
-    return kp_db_connect(f->cfg->db_conninfo, 5, true, &err);
-}
-
-static void s_release(kp_find_t *f, kp_db_t *db)
-{
-    if (!db) return;
-    pthread_mutex_lock(&f->mu);
-    if (f->nidle < f->cap) {
-        f->idle[f->nidle++] = db;
-        db = NULL;
-    }
-    pthread_mutex_unlock(&f->mu);
-    kp_db_destroy(&db);
 }
 
 /* 0 when the calling AE may query, KP_EPERM when not, KP_EDB when the registry cannot be read. */
@@ -106,7 +75,7 @@ unsigned kp_find_handle(void *user, const kp_dicom_find_req_t *req, kp_dicom_fin
     kp_find_sql_opts_t opts = {.fold_names = cfg->dicom_find_case_insensitive_names,
                                .limit = limit};
 
-    db = s_acquire(f);
+    db = kp_dbpool_acquire(f->pool);
     if (!db) {
         rc = KP_EDB;
         kp_dicom_find_set_comment(out, "database unavailable");
@@ -156,14 +125,14 @@ unsigned kp_find_handle(void *user, const kp_dicom_find_req_t *req, kp_dicom_fin
     }
     kp_info(CAT, "C-FIND %s level from %s (%s): %d match(es)", q.level, ae, req->peer_host, n);
     PQclear(r);
-    s_release(f, db);
+    kp_dbpool_release(f->pool, db);
     kp_find_sql_clear(&q);
     return 0x0000;
 error:
     if (rc != KP_ETOOBIG && rc != KP_EPERM && rc != KP_EMISMATCH && rc != KP_EINVAL)
         kp_error(CAT, "C-FIND from %s failed: %s", ae, kp_strerror(rc));
     PQclear(r);
-    s_release(f, db);
+    kp_dbpool_release(f->pool, db);
     kp_find_sql_clear(&q);
     return kp_error_dimse(rc);
 }

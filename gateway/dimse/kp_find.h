@@ -3,7 +3,7 @@
  * kp_find_handle() is the kp_dicom_find_fn the shim calls on an association thread: it checks
  * that the calling AE may query (dicom.find_require_registered), translates the identifier
  * into one parameterised query (kp_find_sql), runs it on a database connection taken from a
- * small locked pool (one connection per concurrently running C-FIND, never the committer's),
+ * kp_dbpool (one connection per concurrently running C-FIND, never the committer's),
  * and hands each row to the shim as a Pending response. */
 #ifndef KP_FIND_H
 #define KP_FIND_H

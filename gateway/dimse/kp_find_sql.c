@@ -404,11 +404,16 @@ static void s_match(s_ctx_t *c, const s_keydef_t *k, int level, const char *v)
 
 /* ---- the query -------------------------------------------------------------------------- */
 
+static const kp_dicom_find_key_t *s_key_in(const kp_dicom_find_key_t *keys, size_t n, uint32_t tag)
+{
+    for (size_t i = 0; i < n; i++)
+        if (keys[i].tag == tag) return &keys[i];
+    return NULL;
+}
+
 static const kp_dicom_find_key_t *s_req_key(const kp_dicom_find_req_t *req, uint32_t tag)
 {
-    for (size_t i = 0; i < req->nkeys; i++)
-        if (req->keys[i].tag == tag) return &req->keys[i];
-    return NULL;
+    return s_key_in(req->keys, req->nkeys, tag);
 }
 
 static int s_fail(char *err, size_t errlen, int code, const char *fmt, ...)
@@ -568,6 +573,77 @@ int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *
     q->nparams = c.nparams;
     q->col_tags = tags;
     q->ncols = ncols;
+    snprintf(q->level, sizeof q->level, "%s", s_level_names[level]);
+    return 0;
+}
+
+/* ---- C-MOVE / C-GET ------------------------------------------------------------------------ */
+
+/* Hierarchical retrieve (PS3.4 C.4.2.2.1): the unique key of every level from the top of the
+ * model down to the retrieve level must be present; above the retrieve level with a single
+ * value, at it (STUDY, SERIES, IMAGE) a single value or a list of UIDs; never a wildcard or an
+ * empty value. Other keys are ignored. The instances come in study, series, instance number
+ * order so that a destination receives each series together. */
+int kp_find_sql_retrieve(const kp_dicom_retrieve_req_t *req, long limit, kp_find_sql_t *q,
+                         char *err, size_t errlen)
+{
+    memset(q, 0, sizeof *q);
+    if (err && errlen) err[0] = 0;
+    if (!req) return s_fail(err, errlen, KP_EINVAL, "invalid request");
+    int model = req->model;
+    if (model != KP_DICOM_FIND_PATIENT_ROOT && model != KP_DICOM_FIND_STUDY_ROOT)
+        return s_fail(err, errlen, KP_EMISMATCH, "unknown information model");
+    int level = -1;
+    for (int i = 0; req->level && i < 4; i++)
+        if (!strcmp(req->level, s_level_names[i])) level = i;
+    if (level < 0 || (model == KP_DICOM_FIND_STUDY_ROOT && level == LV_PATIENT))
+        return s_fail(err, errlen, KP_EMISMATCH,
+                      req->level ? "QueryRetrieveLevel not valid" : "QueryRetrieveLevel missing");
+
+    static const uint32_t uniq[] = {TAG_PATIENT_ID, TAG_STUDY_UID, TAG_SERIES_UID, TAG_SOP_UID};
+    static const char *const uniq_names[] = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                                             "SOPInstanceUID"};
+    static const char *const cols[] = {"st.patient_id", "st.study_uid", "se.series_uid",
+                                       "i.sop_uid"};
+    const int top = model == KP_DICOM_FIND_PATIENT_ROOT ? LV_PATIENT : LV_STUDY;
+    for (int l = top; l <= level; l++) {
+        const kp_dicom_find_key_t *k = s_key_in(req->keys, req->nkeys, uniq[l]);
+        const char *v = k ? k->value : NULL;
+        bool list_ok = l == level && l != LV_PATIENT;
+        bool bad = !v || !*v || s_has_wildcard(v, strlen(v)) || (!list_ok && strchr(v, '\\'));
+        if (!bad && list_ok) /* no empty element in a list */
+            bad = v[0] == '\\' || v[strlen(v) - 1] == '\\' || strstr(v, "\\\\");
+        if (bad)
+            return s_fail(err, errlen, KP_EMISMATCH, "%s %s", uniq_names[l],
+                          list_ok ? "missing, empty or with wildcards"
+                                  : "missing or not a single value");
+    }
+
+    s_ctx_t c = {0};
+    for (int l = top; l <= level; l++) {
+        const char *v = s_key_in(req->keys, req->nkeys, uniq[l])->value;
+        int p = s_param(&c, v, strlen(v));
+        s_and(&c);
+        if (l == level && l != LV_PATIENT)
+            s_put(&c.where, "%s = ANY(string_to_array($%d, '\\'))", cols[l], p);
+        else
+            s_put(&c.where, "%s = $%d", cols[l], p);
+    }
+    char lim[24];
+    snprintf(lim, sizeof lim, "%ld", limit > 0 ? limit + 1 : 1);
+    int lp = s_param(&c, lim, strlen(lim));
+    s_buf_t sql = {0};
+    s_put(&sql,
+          "SELECT i.path, i.sop_uid, coalesce(i.sop_class_uid, "
+          "i.metadata->'00080016'->'Value'->>0, ''), coalesce(i.transfer_syntax_uid, ''), "
+          "st.study_uid%s%s ORDER BY st.pk, se.pk, i.instance_number NULLS LAST, i.pk "
+          "LIMIT $%d::bigint",
+          s_from[LV_IMAGE], c.where.s, lp);
+    free(c.where.s);
+    q->sql = sql.s;
+    q->params = c.params;
+    q->nparams = c.nparams;
+    q->ncols = 5;
     snprintf(q->level, sizeof q->level, "%s", s_level_names[level]);
     return 0;
 }

@@ -1,4 +1,5 @@
-/* kp_find_sql: C-FIND identifier -> one parameterised SQL query against the index.
+/* kp_find_sql: C-FIND (and C-MOVE / C-GET) identifier -> one parameterised SQL query against
+ * the index.
  *
  * Pure translation (no database, no DCMTK), so that the matching rules of PS3.4 C.2.2.2 can be
  * unit-tested on their own. The SQL text is assembled only from fixed fragments of this module
@@ -34,6 +35,14 @@ typedef struct {
  * for an Error Comment. On error *q holds nothing to free. */
 int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *opts,
                       kp_find_sql_t *q, char *err, size_t errlen);
+/* Builds the query of a C-MOVE / C-GET identifier (hierarchical retrieve, PS3.4 C.4.2.2.1)
+ * into *q: columns path (relative to storage.root), sop_uid, sop_class_uid, transfer syntax
+ * ("" when unknown) and study_uid of every instance to send, at most limit + 1 rows (col_tags is
+ * NULL). Returns 0, or KP_EMISMATCH when the level is missing or invalid for the model or a
+ * unique key is missing, empty, wildcarded or a list above the retrieve level; err (may be NULL)
+ * gets a short reason. On error *q holds nothing to free. */
+int kp_find_sql_retrieve(const kp_dicom_retrieve_req_t *req, long limit, kp_find_sql_t *q,
+                         char *err, size_t errlen);
 /* Frees everything in *q and zeroes it; idempotent. */
 void kp_find_sql_clear(kp_find_sql_t *q);
 

@@ -1,19 +1,21 @@
 /* pacs-dicomd: the DICOM daemon (DIMSE service provider).
  *
- * Serves C-ECHO, C-STORE and C-FIND (kp_find.c) through the DCMTK shim (lib/dicom). Each
- * association runs on its own thread; a C-STORE dataset is received bit-preserving straight into a
- * temp file and handed to the shared ingest path (lib/kp_ingest.c, also used by STOW-RS), which
- * applies the durability rule of ARCHITECTURE section 3 before the response is sent: the file is
- * fsync'd and renamed on the association thread, and one committer thread records whole groups of
- * concurrent stores in ONE outbox statement, overlapping the directory fsyncs with the commit.
- * If the database is down the stores fail with a DIMSE failure (A700: out of resources) and the
- * modality retries; a lost bus message is found again by the outbox sweep in pacs-busd. */
+ * Serves C-ECHO, C-STORE, C-FIND (kp_find.c), C-MOVE and C-GET (kp_retrieve.c) through the DCMTK
+ * shim (lib/dicom). Each association runs on its own thread; a C-STORE dataset is received
+ * bit-preserving straight into a temp file and handed to the shared ingest path (lib/kp_ingest.c,
+ * also used by STOW-RS), which applies the durability rule of ARCHITECTURE section 3 before the
+ * response is sent: the file is fsync'd and renamed on the association thread, and one committer
+ * thread records whole groups of concurrent stores in ONE outbox statement, overlapping the
+ * directory fsyncs with the commit. If the database is down the stores fail with a DIMSE failure
+ * (A700: out of resources) and the modality retries; a lost bus message is found again by the
+ * outbox sweep in pacs-busd. */
 #include "kp_config.h"
 #include "kp_dicom.h"
 #include "kp_errors.h"
 #include "kp_find.h"
 #include "kp_ingest.h"
 #include "kp_log.h"
+#include "kp_retrieve.h"
 #include "kp_storage.h"
 
 #include <signal.h>
@@ -25,8 +27,9 @@
 static struct {
     kp_config_t *cfg;
     kp_storage_t *st;
-    kp_ingest_t *ing; /* the durable store path (own database connection, bus, committer) */
-    kp_find_t *find;  /* C-FIND service, its own database connections */
+    kp_ingest_t *ing;   /* the durable store path (own database connection, bus, committer) */
+    kp_find_t *find;    /* C-FIND service, its own database connections */
+    kp_retrieve_t *ret; /* C-MOVE / C-GET service, its own connections and audit bus */
 } s_d;
 
 static volatile int s_stop;
@@ -94,6 +97,28 @@ static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
     return rc ? kp_error_dimse(rc) : 0x0000;
 }
 
+/* ---- C-FIND, C-MOVE, C-GET: the shim has one user pointer; each service gets its own ----- */
+
+static unsigned s_on_find(void *user, const kp_dicom_find_req_t *req, kp_dicom_find_results_t *out)
+{
+    (void)user;
+    return kp_find_handle(s_d.find, req, out);
+}
+
+static unsigned s_on_retrieve(void *user, const kp_dicom_retrieve_req_t *req,
+                              kp_dicom_retrieve_plan_t *plan)
+{
+    (void)user;
+    return kp_retrieve_handle(s_d.ret, req, plan);
+}
+
+static void s_on_retrieve_done(void *user, const kp_dicom_retrieve_req_t *req,
+                               const kp_dicom_retrieve_result_t *res)
+{
+    (void)user;
+    kp_retrieve_done(s_d.ret, req, res);
+}
+
 int main(int argc, char **argv)
 {
     bool exit_now = false;
@@ -120,6 +145,9 @@ int main(int argc, char **argv)
     if (!s_d.ing) goto done;
     s_d.find = kp_find_new(s_d.cfg, (int)s_d.cfg->dicom_max_associations);
     if (!s_d.find) goto done;
+    s_d.ret =
+        kp_retrieve_new(s_d.cfg, kp_storage_root(s_d.st), (int)s_d.cfg->dicom_max_associations);
+    if (!s_d.ret) goto done;
 
     kp_dicom_scp_config_t scp = {
         .ae_title = s_d.cfg->dicom_ae_title,
@@ -131,8 +159,10 @@ int main(int argc, char **argv)
         .tmp_dir = kp_storage_tmpdir(s_d.st),
         .on_store = s_on_store,
         .on_assoc = s_on_assoc,
-        .on_find = kp_find_handle,
-        .user = s_d.find,
+        .on_find = s_on_find,
+        .on_retrieve = s_on_retrieve,
+        .on_retrieve_done = s_on_retrieve_done,
+        .user = NULL,
         .stop = &s_stop,
     };
     kp_info("main", "listening as %s on port %ld (storage %s)", s_d.cfg->dicom_ae_title,
@@ -144,6 +174,7 @@ int main(int argc, char **argv)
 done:
     kp_ingest_destroy(&s_d.ing);
     kp_find_destroy(&s_d.find);
+    kp_retrieve_destroy(&s_d.ret);
     kp_storage_destroy(&s_d.st);
     kp_dicom_shutdown();
     kp_config_destroy(&s_d.cfg);

@@ -101,6 +101,7 @@ int64_t kp_http_resp_length(const kp_http_resp_t *resp)
 
 void kp_http_resp_clear(kp_http_resp_t *resp)
 {
+    for (int i = 0; i < resp->nset_cookie; i++) free(resp->set_cookie[i]);
     free(resp->body);
     free(resp->warning);
     s_segs_free(resp);
@@ -119,5 +120,7 @@ void kp_http_req_clear(kp_http_req_t *req)
     free(req->content_type);
     free(req->body);
     free(req->origin);
+    free(req->user_agent);
+    free(req->cookie);
     memset(req, 0, sizeof *req);
 }

@@ -7,6 +7,7 @@
 #ifndef KP_HTTP_H
 #define KP_HTTP_H
 
+#include "kp_auth.h"
 #include "kp_config.h"
 #include "kp_db.h"
 
@@ -31,6 +32,12 @@ typedef struct kp_http_req {
     size_t body_len;
     char *origin;        /* "https://" + the request's authority, for absolute URLs (owned) */
     bool head;           /* a HEAD request (routed as GET; the body is not sent) */
+    char peer[64];       /* client address (for sessions, lockout and audit) */
+    char *user_agent;    /* User-Agent header, or NULL (owned) */
+    char *cookie;        /* Cookie header, or NULL (owned) */
+    bool same_origin;    /* a cookie-carrying mutation passed the CSRF check (X-CSRF-Token
+                          * equal to the CSRF cookie, or Origin equal to our own origin) */
+    kp_identity_t id;    /* who asks (id.authenticated false for public routes) */
     const struct kp_route *route;
     char params[KP_HTTP_MAX_PARAMS][65]; /* the {uid} / {frames} segments of the path */
     int nparams;
@@ -61,6 +68,8 @@ typedef struct kp_http_resp {
     bool compressible; /* may be gzipped when the client accepts it */
     char content_range[96]; /* Content-Range for 206 / 416, or "" */
     char last_modified[40]; /* Last-Modified (IMF-fixdate), or "" */
+    char *set_cookie[4];    /* Set-Cookie header values (owned) */
+    int nset_cookie;
     /* A streamed body: when nsegs > 0 the body is these segments in order and body is NULL. */
     kp_http_seg_t *segs;
     size_t nsegs, segcap;
@@ -69,6 +78,7 @@ typedef struct kp_http_resp {
 struct kp_storage;
 struct kp_ingest;
 struct kp_mdcache;
+struct kp_auth;
 
 /* What a handler may use: its own database connection, the configuration (read-only), the
  * storage, the shared ingest path (STOW-RS) and the metadata cache (both thread-safe). */
@@ -78,6 +88,7 @@ typedef struct kp_http_env {
     struct kp_storage *st;
     struct kp_ingest *ing;
     struct kp_mdcache *mdcache; /* may be NULL */
+    struct kp_auth *auth;
 } kp_http_env_t;
 
 /* A route handler: fills resp; returns 0 (resp complete) or a negative KP_E* code, in which case

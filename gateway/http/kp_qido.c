@@ -612,6 +612,14 @@ int kp_qido_build(kp_qido_level_t level, const char *study_uid, const char *seri
                   const char *query, long default_limit, long max_limit, kp_qido_t **out, char *err,
                   size_t errlen)
 {
+    return kp_qido_build_sites(level, study_uid, series_uid, query, default_limit, max_limit,
+                               NULL, out, err, errlen);
+}
+
+int kp_qido_build_sites(kp_qido_level_t level, const char *study_uid, const char *series_uid,
+                        const char *query, long default_limit, long max_limit, const char *sites,
+                        kp_qido_t **out, char *err, size_t errlen)
+{
     *out = NULL;
     s_state_t st = {.err = err, .errlen = errlen};
     st.q = calloc(1, sizeof *st.q);
@@ -636,6 +644,11 @@ int kp_qido_build(kp_qido_level_t level, const char *study_uid, const char *seri
         }
         n = s_param(&st, s_dup(series_uid, strlen(series_uid)));
         s_add(&st.where, " AND se.series_uid = $%d", n);
+    }
+    if (sites) { /* only the studies of these sites (the caller's, unless it holds site.all) */
+        n = s_param(&st, s_dup(sites, strlen(sites)));
+        s_add(&st.where, " AND st.site_id IN (SELECT id FROM sites WHERE name = ANY($%d::text[]))",
+              n);
     }
     rc = s_parse(&st, query ? (char *)query : "", default_limit, max_limit);
     if (rc) goto error;

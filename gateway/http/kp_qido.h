@@ -34,6 +34,11 @@ typedef struct kp_qido {
 int kp_qido_build(kp_qido_level_t level, const char *study_uid, const char *series_uid,
                   const char *query, long default_limit, long max_limit, kp_qido_t **out, char *err,
                   size_t errlen);
+/* The same, restricted to the studies of the sites in `sites` (a PostgreSQL text[] literal such as
+ * {"north","south"}, passed as a parameter); NULL: no restriction. */
+int kp_qido_build_sites(kp_qido_level_t level, const char *study_uid, const char *series_uid,
+                        const char *query, long default_limit, long max_limit, const char *sites,
+                        kp_qido_t **out, char *err, size_t errlen);
 /* Frees the query and clears *q; idempotent. */
 void kp_qido_destroy(kp_qido_t **q);
 

@@ -6,6 +6,7 @@
 #include "kp_routes.h"
 
 #include "kp_errors.h"
+#include "kp_api.h"
 #include "kp_dicom.h"
 #include "kp_frames.h"
 #include "kp_image.h"
@@ -26,14 +27,29 @@
 #include <time.h>
 #include <unistd.h>
 
+/* The sites a request may see, as a PostgreSQL text[] literal in buf, or NULL for all (site.all,
+ * or development mode). Site names are [A-Za-z0-9_.-] (schema check), so they need no escaping
+ * beyond the quotes. An identity without sites gets an array that matches nothing. */
+static const char *s_sites(const kp_http_req_t *req, char *buf, size_t len)
+{
+    if (req->id.site_all) return NULL;
+    size_t k = (size_t)snprintf(buf, len, "{");
+    for (int i = 0; i < req->id.nsites && k + 70 < len; i++)
+        k += (size_t)snprintf(buf + k, len - k, "%s\"%s\"", i ? "," : "", req->id.sites[i]);
+    snprintf(buf + k, len - k, "}");
+    return buf;
+}
+
 /* ---- QIDO-RS ------------------------------------------------------------------------------- */
 static int s_qido(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp,
                   kp_qido_level_t level, const char *study, const char *series)
 {
     char err[256];
     kp_qido_t *q = NULL;
-    int rc = kp_qido_build(level, study, series, req->query, env->cfg->http_qido_limit,
-                           env->cfg->http_qido_max_limit, &q, err, sizeof err);
+    char sb[KP_AUTH_MAX_SITES * 70 + 4];
+    int rc = kp_qido_build_sites(level, study, series, req->query, env->cfg->http_qido_limit,
+                                 env->cfg->http_qido_max_limit, s_sites(req, sb, sizeof sb), &q,
+                                 err, sizeof err);
     if (rc) {
         kp_http_error(resp, rc, 0, "invalid QIDO-RS query", err);
         return 0;
@@ -88,7 +104,8 @@ static int s_qido_series_instances(kp_http_env_t *e, const kp_http_req_t *r, kp_
 #define S_MD_FROM                                                                                  \
     " FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = "          \
     "se.study_pk WHERE st.study_uid = $1 AND ($2::text IS NULL OR se.series_uid = $2) AND "        \
-    "($3::text IS NULL OR i.sop_uid = $3)"
+    "($3::text IS NULL OR i.sop_uid = $3) AND ($4::text[] IS NULL OR st.site_id IN (SELECT id "     \
+    "FROM sites WHERE name = ANY($4::text[])))"
 
 static bool s_etag_matches(const char *inm, const char *etag)
 {
@@ -135,14 +152,20 @@ static void s_metadata_answer(const kp_http_req_t *req, kp_http_resp_t *resp, ch
  * indexer's study.changed events), else aggregated by PostgreSQL and then cached. */
 static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    const char *params[3] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
-                             req->nparams > 2 ? req->params[2] : NULL};
+    char sb[KP_AUTH_MAX_SITES * 70 + 4];
+    const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
+                             req->nparams > 2 ? req->params[2] : NULL,
+                             s_sites(req, sb, sizeof sb)};
     kp_mdcache_t *mc = env->mdcache;
     uint64_t gen = 0;
+    /* The cache key holds the site restriction: a response built for a user who sees every
+     * site is never served to one who may not see this study. */
+    char key[sizeof sb + 400];
+    snprintf(key, sizeof key, "%s|%s", req->path, params[3] ? params[3] : "*");
     if (mc) {
         char *body = NULL;
         size_t len = 0;
-        if (kp_mdcache_get(mc, req->path, &body, &len, resp->etag, resp->last_modified)) {
+        if (kp_mdcache_get(mc, key, &body, &len, resp->etag, resp->last_modified)) {
             s_metadata_answer(req, resp, body, len);
             return 0;
         }
@@ -155,7 +178,7 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
         "coalesce(max(i.updated_at)::text, '') || ':' || coalesce(sum(i.pk), 0)::text) || '\"', "
         "coalesce(to_char(max(i.updated_at) AT TIME ZONE 'UTC', "
         "'Dy, DD Mon YYYY HH24:MI:SS \"GMT\"'), '')" S_MD_FROM,
-        3, params);
+        4, params);
     if (rc) return rc;
     long count = strtol(PQgetvalue(res, 0, 0), NULL, 10);
     snprintf(resp->etag, sizeof resp->etag, "%s", PQgetvalue(res, 0, 1));
@@ -182,14 +205,14 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
     rc = kp_db_exec(env->db, &res,
                     "SELECT coalesce(json_agg(i.metadata ORDER BY se.series_number NULLS LAST, "
                     "se.pk, i.instance_number NULLS LAST, i.pk), '[]'::json)::text" S_MD_FROM,
-                    3, params);
+                    4, params);
     if (rc) return rc;
     size_t len = (size_t)PQgetlength(res, 0, 0);
     char *body = strndup(PQgetvalue(res, 0, 0), len);
     if (!body) abort();
     PQclear(res);
     if (mc)
-        kp_mdcache_put(mc, req->path, req->params[0], gen, body, len, resp->etag,
+        kp_mdcache_put(mc, key, req->params[0], gen, body, len, resp->etag,
                        resp->last_modified);
     s_metadata_answer(req, resp, body, len);
     return 0;
@@ -297,14 +320,16 @@ static int s_query(const char *query, const char *name, char *out, size_t outlen
  * stored syntax the client does not accept is transcoded (DCMTK) into a temporary file first. */
 static int s_retrieve(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    const char *params[3] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
-                             req->nparams > 2 ? req->params[2] : NULL};
+    char sb[KP_AUTH_MAX_SITES * 70 + 4];
+    const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
+                             req->nparams > 2 ? req->params[2] : NULL,
+                             s_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, i.transfer_syntax_uid, i.sop_uid" S_MD_FROM
                         " ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS "
                         "LAST, i.pk",
-                        3, params);
+                        4, params);
     if (rc) return rc;
     int n = PQntuples(res);
     if (n == 0) {
@@ -388,14 +413,16 @@ typedef struct {
 static int s_find_instance(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp,
                            s_inst_t *out)
 {
-    const char *params[] = {req->params[0], req->params[1], req->params[2]};
+    char sb[KP_AUTH_MAX_SITES * 70 + 4];
+    const char *params[] = {req->params[0], req->params[1], req->params[2],
+                            s_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, i.transfer_syntax_uid, i.pixel_offset, i.pixel_length, "
                         "coalesce(i.number_of_frames, 1), coalesce(i.rows, 0), "
                         "coalesce(i.columns, 0), coalesce(i.bits_allocated, 0), "
                         "coalesce(i.metadata->'00280002'->'Value'->>0, '1')" S_MD_FROM,
-                        3, params);
+                        4, params);
     if (rc) return rc;
     if (PQntuples(res) != 1) {
         PQclear(res);
@@ -754,7 +781,9 @@ static int s_rendered_group(kp_http_env_t *env, const kp_http_req_t *req, kp_htt
     bool thumb = strstr(req->path, "/thumbnail") != NULL;
     kp_render_opts_t o;
     if (s_render_opts(req, resp, thumb, &o)) return 0;
-    const char *params[3] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL, NULL};
+    char sb[KP_AUTH_MAX_SITES * 70 + 4];
+    const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL, NULL,
+                             s_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, se.pk" S_MD_FROM
@@ -762,7 +791,7 @@ static int s_rendered_group(kp_http_env_t *env, const kp_http_req_t *req, kp_htt
                         "'1.2.840.10008.1.2.4.%' OR i.transfer_syntax_uid = "
                         "'1.2.840.10008.1.2.5') ORDER BY se.series_number NULLS LAST, se.pk, "
                         "i.instance_number NULLS LAST, i.pk",
-                        3, params);
+                        4, params);
     if (rc) return rc;
     int n = PQntuples(res);
     if (n == 0) {
@@ -1176,8 +1205,25 @@ static const kp_route_t s_routes[] = {
     {"GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tagpath...}",
      "study.read", s_bulkdata},
     {"GET", "/wado", "study.download", s_wado_uri},
+    /* the REST API (kp_api_*.c) and our web application's pages (kp_www.c) */
+    {"POST", "/api/auth/login", KP_PERM_PUBLIC, kp_api_login},
+    {"POST", "/api/auth/refresh", KP_PERM_PUBLIC, kp_api_refresh},
+    {"POST", "/api/auth/logout", KP_PERM_AUTHENTICATED, kp_api_logout},
+    {"GET", "/api/auth/me", KP_PERM_AUTHENTICATED, kp_api_me},
+    {"POST", "/api/auth/password", KP_PERM_AUTHENTICATED, kp_api_password},
+    {"POST", "/api/auth/mfa/setup", KP_PERM_AUTHENTICATED, kp_api_mfa_setup},
+    {"POST", "/api/auth/mfa/confirm", KP_PERM_AUTHENTICATED, kp_api_mfa_confirm},
+    {"POST", "/api/auth/mfa/disable", KP_PERM_AUTHENTICATED, kp_api_mfa_disable},
+    {"GET", "/app/login", KP_PERM_PUBLIC, kp_api_www},
+    {"GET", "/app/login.js", KP_PERM_PUBLIC, kp_api_www},
 };
 #define S_NROUTES (sizeof s_routes / sizeof s_routes[0])
+
+const kp_route_t *kp_routes_table(size_t *n)
+{
+    *n = S_NROUTES;
+    return s_routes;
+}
 
 /* Matches path against pattern; fills params (unvalidated). Returns the number of params, or -1
  * when the shapes differ. */

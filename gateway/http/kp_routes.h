@@ -28,4 +28,7 @@ typedef enum {
 kp_route_result_t kp_routes_match(const char *method, const char *path, size_t pathlen,
                                   kp_http_req_t *req, char *allow, size_t allowlen);
 
+/* The whole table (for `pacs-gateway --routes`, docs/security.md and the permission tests). */
+const kp_route_t *kp_routes_table(size_t *n);
+
 #endif

@@ -75,8 +75,28 @@ static const char s_app_config_fmt[] =
     "  ],\n"
     "  httpErrorHandler: error => {\n"
     "    console.warn('DICOMweb request failed', error && error.status);\n"
+    "    if (error && error.status === 401)\n"
+    "      location.href = '/app/login?next=' + encodeURIComponent(location.pathname + location.search);\n"
     "  },\n"
-    "};\n";
+    "};\n"
+    "/* Keeps the sign-in session alive while the viewer is open: the access cookie lives\n"
+    " * auth.access_ttl seconds, so it is renewed (refresh-token rotation) at half that. */\n"
+    "(function () {\n"
+    "  function csrf() {\n"
+    "    var m = document.cookie.match(/(?:^|;\\s*)__Host-kp_csrf=([^;]+)/);\n"
+    "    return m ? m[1] : '';\n"
+    "  }\n"
+    "  function refresh() {\n"
+    "    if (!csrf()) return;\n"
+    "    fetch('/api/auth/refresh', { method: 'POST', credentials: 'same-origin',\n"
+    "                                 headers: { 'X-CSRF-Token': csrf() } })\n"
+    "      .then(function (r) {\n"
+    "        if (r.status === 401)\n"
+    "          location.href = '/app/login?next=' + encodeURIComponent(location.pathname + location.search);\n"
+    "      }).catch(function () {});\n"
+    "  }\n"
+    "  setInterval(refresh, %ld * 500);\n"
+    "})();\n";
 
 static const char s_missing_html[] =
     "<!doctype html><html><head><meta charset=\"utf-8\"><title>Klinika PACS</title></head><body>"
@@ -172,10 +192,11 @@ const char *kp_static_app_config(void)
 bool kp_static_init(const kp_config_t *cfg, h2o_globalconf_t *gc)
 {
     free(s_st.app_config);
-    int n = snprintf(NULL, 0, s_app_config_fmt, cfg->http_qido_limit);
+    int n = snprintf(NULL, 0, s_app_config_fmt, cfg->http_qido_limit, cfg->auth_access_ttl);
     s_st.app_config = malloc((size_t)n + 1);
     if (!s_st.app_config) abort();
-    snprintf(s_st.app_config, (size_t)n + 1, s_app_config_fmt, cfg->http_qido_limit);
+    snprintf(s_st.app_config, (size_t)n + 1, s_app_config_fmt, cfg->http_qido_limit,
+             cfg->auth_access_ttl);
     s_st.app_config_len = (size_t)n;
 
     if (gc) /* so H2O's compress filter knows these types are compressible */

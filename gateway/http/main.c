@@ -13,6 +13,8 @@
 #include "kp_dicom.h"
 #include "kp_http.h"
 #include "kp_ingest.h"
+#include "kp_api.h"
+#include "kp_auth.h"
 #include "kp_bus.h"
 #include "kp_log.h"
 #include "kp_mdcache.h"
@@ -87,6 +89,9 @@ static struct {
     kp_storage_t *st;  /* stored files; STOW-RS temp files */
     kp_ingest_t *ing;  /* the durable store path shared with pacs-dicomd (STOW-RS) */
     kp_mdcache_t *mdcache; /* WADO-RS metadata responses (NULL when disabled) */
+    kp_auth_t *auth;       /* tokens, permissions, sessions */
+    pthread_t reloader;    /* reloads the role -> permission snapshot */
+    bool reloader_started;
     pthread_t events;      /* study.changed subscriber: invalidates the metadata cache */
     bool events_started;
     int queued; /* jobs waiting for a worker */
@@ -149,6 +154,8 @@ static const char *s_reason(int status)
         return "Unsupported Media Type";
     case 416:
         return "Range Not Satisfiable";
+    case 429:
+        return "Too Many Requests";
     case 431:
         return "Request Header Fields Too Large";
     case 500:
@@ -352,6 +359,11 @@ static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
         h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ACCEPT_RANGES, NULL,
                        H2O_STRLIT("bytes"));
     if (r->allow[0]) s_add_header_copy(req, H2O_TOKEN_ALLOW, r->allow);
+    for (int i = 0; i < r->nset_cookie; i++)
+        s_add_header_copy(req, H2O_TOKEN_SET_COOKIE, r->set_cookie[i]);
+    if (r->status == 401)
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_WWW_AUTHENTICATE, NULL,
+                       H2O_STRLIT("Bearer realm=\"klinika-pacs\""));
     if (r->warning) {
         char buf[1024];
         int n = snprintf(buf, sizeof buf, "299 pacs-gateway \"%.900s\"", r->warning);
@@ -459,7 +471,7 @@ static void s_token_dispose(void *p)
 static void *s_worker_main(void *arg)
 {
     kp_http_env_t env = {.db = (kp_db_t *)arg, .cfg = s_g.cfg, .st = s_g.st, .ing = s_g.ing,
-                         .mdcache = s_g.mdcache};
+                         .mdcache = s_g.mdcache, .auth = s_g.auth};
     for (;;) {
         pthread_mutex_lock(&s_g.mu);
         while (!s_g.head && !s_g.stopping)
@@ -472,7 +484,18 @@ static void *s_worker_main(void *arg)
         }
         pthread_mutex_unlock(&s_g.mu);
         if (!job) break; /* stopping and nothing left */
-        int rc = job->in.route->handler(&env, &job->in, &job->out);
+        int rc = 0;
+        if (job->in.id.authenticated && strcmp(job->in.id.sid, "dev")) {
+            int alive = kp_auth_session_alive(s_g.auth, env.db, job->in.id.sid);
+            if (alive == 0) {
+                kp_http_error(&job->out, KP_EUNAUTH, 0, "the session has ended; log in again",
+                              NULL);
+                h2o_multithread_send_message(&job->owner->receiver, &job->super);
+                continue;
+            }
+            if (alive < 0) rc = alive;
+        }
+        if (!rc) rc = job->in.route->handler(&env, &job->in, &job->out);
         if (rc) {
             kp_http_resp_clear(&job->out);
             kp_http_error(&job->out, rc, 0, NULL, NULL);
@@ -562,6 +585,183 @@ static void *s_events_main(void *arg)
     return NULL;
 }
 
+/* ---- authentication (loop thread) ---------------------------------------------------------- */
+static __thread const char *s_deny_detail;
+
+static bool s_header_value(h2o_req_t *req, const h2o_token_t *token, const char *name,
+                           h2o_iovec_t *out)
+{
+    ssize_t h = token ? h2o_find_header(&req->headers, token, -1)
+                      : h2o_find_header_by_str(&req->headers, name, strlen(name), -1);
+    if (h < 0) return false;
+    *out = req->headers.entries[h].value;
+    return true;
+}
+
+/* The access token of the request: Authorization: Bearer, else the access cookie. */
+static bool s_token(h2o_req_t *req, char *out, size_t outlen, bool *via_cookie)
+{
+    h2o_iovec_t v;
+    *via_cookie = false;
+    if (s_header_value(req, H2O_TOKEN_AUTHORIZATION, NULL, &v)) {
+        if (v.len > 7 && !strncasecmp(v.base, "Bearer ", 7) && v.len - 7 < outlen) {
+            memcpy(out, v.base + 7, v.len - 7);
+            out[v.len - 7] = 0;
+            return true;
+        }
+        return false;
+    }
+    if (s_header_value(req, H2O_TOKEN_COOKIE, NULL, &v) &&
+        kp_auth_cookie(v.base, v.len, KP_AUTH_ACCESS_COOKIE, out, outlen)) {
+        *via_cookie = true;
+        return true;
+    }
+    return false;
+}
+
+/* CSRF defence for requests that carry cookies: the X-CSRF-Token header equals the CSRF cookie
+ * (double submit), or the Origin header is exactly our own origin (browsers always send it on
+ * POST; another site cannot forge it). */
+static bool s_same_origin(h2o_req_t *req)
+{
+    h2o_iovec_t c, h, o;
+    char csrf[128];
+    if (s_header_value(req, NULL, KP_AUTH_CSRF_HEADER, &h) &&
+        s_header_value(req, H2O_TOKEN_COOKIE, NULL, &c) &&
+        kp_auth_cookie(c.base, c.len, KP_AUTH_CSRF_COOKIE, csrf, sizeof csrf) &&
+        h.len == strlen(csrf) && h.len >= 16 && !memcmp(h.base, csrf, h.len))
+        return true;
+    if (s_header_value(req, NULL, "origin", &o) && o.len == 8 + req->authority.len &&
+        !memcmp(o.base, "https://", 8) && !memcmp(o.base + 8, req->authority.base, req->authority.len))
+        return true;
+    return false;
+}
+
+/* Fills job->in.id and decides: 0 allowed, KP_EUNAUTH (401), KP_EPERM (403; s_deny_detail). */
+static int s_authorize(h2o_req_t *req, const char *method, s_job_t *job)
+{
+    const char *perm = job->in.route->permission;
+    kp_identity_t *id = &job->in.id;
+    h2o_iovec_t ck;
+    bool has_cookie = s_header_value(req, H2O_TOKEN_COOKIE, NULL, &ck);
+    bool mutating = strcmp(method, "GET") && strcmp(method, "HEAD") && strcmp(method, "OPTIONS");
+    job->in.same_origin = !has_cookie || !mutating || s_same_origin(req);
+    if (s_g.cfg->http_dev_allow_all) {
+        /* development only (logged at start): everyone is an administrator of every site */
+        id->authenticated = true;
+        snprintf(id->user, sizeof id->user, "dev");
+        snprintf(id->sid, sizeof id->sid, "dev");
+        snprintf(id->roles[0], sizeof id->roles[0], "admin");
+        id->nroles = 1;
+        id->site_all = true;
+        return 0;
+    }
+    /* A mutation from a browser page of another origin is refused whatever it carries (the
+     * login form included): browsers always send Origin on cross-origin POSTs. Origins listed
+     * in http.cors_origins are allowed. */
+    if (mutating) {
+        h2o_iovec_t o;
+        char corsbuf[256];
+        if (s_header_value(req, NULL, "origin", &o) && !s_same_origin(req) &&
+            !s_cors_origin(req, corsbuf, sizeof corsbuf)) {
+            s_deny_detail = "cross-site request refused (Origin is not this server)";
+            return KP_EPERM;
+        }
+    }
+    /* Public routes (login, refresh, the sign-in page) ignore any token: a stale or revoked one
+     * must never stop someone from signing in again. */
+    if (!strcmp(perm, KP_PERM_PUBLIC)) return 0;
+    char token[KP_JWT_MAX_LEN + 1];
+    bool via_cookie = false;
+    if (s_token(req, token, sizeof token, &via_cookie)) {
+        const char *why = NULL;
+        if (kp_auth_verify(s_g.auth, token, id, &why)) {
+            kp_info("auth", "token refused (%s)", why ? why : "?");
+            return KP_EUNAUTH;
+        }
+        id->via_cookie = via_cookie;
+    }
+    if (!id->authenticated) return KP_EUNAUTH;
+    if (id->via_cookie && mutating && !job->in.same_origin) {
+        s_deny_detail = "cross-site request refused: send X-CSRF-Token with the value of the "
+                        "__Host-kp_csrf cookie";
+        return KP_EPERM;
+    }
+    if (!kp_auth_allows(s_g.auth, id, perm)) {
+        static __thread char detail[128];
+        snprintf(detail, sizeof detail, "this needs the permission %s", perm);
+        s_deny_detail = detail;
+        return KP_EPERM;
+    }
+    return 0;
+}
+
+/* The viewer's pages (not its bundles, which are public code) need a session: a browser without
+ * a valid access cookie is sent to the sign-in page, which brings it back. True when answered. */
+static bool s_viewer_gate(h2o_req_t *req)
+{
+    if (s_g.cfg->http_dev_allow_all) return false;
+    const char *p = req->path_normalized.base;
+    size_t n = req->path_normalized.len;
+    const char *last = p;
+    for (size_t i = 0; i < n; i++)
+        if (p[i] == '/') last = p + i + 1;
+    size_t ll = (size_t)(p + n - last);
+    bool page = !memchr(last, '.', ll) || (ll == 10 && !memcmp(last, "index.html", 10));
+    if (!page) return false;
+    char token[KP_JWT_MAX_LEN + 1];
+    bool via_cookie;
+    kp_identity_t id;
+    if (s_token(req, token, sizeof token, &via_cookie) &&
+        kp_auth_verify(s_g.auth, token, &id, NULL) == 0)
+        return false;
+    /* next = the path and query asked for, percent-encoded */
+    size_t cap = 32 + req->path.len * 3;
+    char *loc = h2o_mem_alloc_pool(&req->pool, cap);
+    size_t k = (size_t)snprintf(loc, cap, "/app/login?next=");
+    static const char hex[] = "0123456789ABCDEF";
+    for (size_t i = 0; i < req->path.len && k + 4 < cap; i++) {
+        unsigned char c = (unsigned char)req->path.base[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+            c == '/' || c == '-' || c == '_' || c == '.' || c == '~') {
+            loc[k++] = (char)c;
+        } else {
+            loc[k++] = '%';
+            loc[k++] = hex[c >> 4];
+            loc[k++] = hex[c & 15];
+        }
+    }
+    loc[k] = 0;
+    req->res.status = 302;
+    req->res.reason = "Found";
+    s_security_headers(req, 1);
+    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_LOCATION, NULL, loc, k);
+    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL,
+                   H2O_STRLIT("no-store"));
+    req->res.content_length = 0;
+    s_access_log(req, 302, 0);
+    h2o_send_inline(req, "", 0);
+    return true;
+}
+
+/* Reloads the role -> permission snapshot now and then (a role change applies within
+ * http.auth_reload seconds; new logins and refreshes read roles from the database directly). */
+static void *s_reloader_main(void *arg)
+{
+    kp_db_t *db = arg;
+    long every = s_g.cfg->http_auth_reload;
+    double next = s_now() + (double)every;
+    while (!s_stop) {
+        struct timespec ts = {0, 200 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        if (s_now() < next) continue;
+        if (kp_auth_reload(s_g.auth, db)) kp_warn("auth", "cannot reload roles; keeping the old ones");
+        next = s_now() + (double)every;
+    }
+    kp_db_destroy(&db);
+    return NULL;
+}
+
 /* ---- request entry (loop thread) ----------------------------------------------------------- */
 static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
 {
@@ -587,6 +787,7 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     method[req->method.len] = 0;
     /* Everything outside /dicom-web, /api and /app is the OHIF viewer: files, no database. */
     if (!kp_static_is_api_path(req->path_normalized.base, req->path_normalized.len)) {
+        if (s_viewer_gate(req)) return 0;
         kp_static_serve(req, s_static_headers, s_access_log);
         return 0;
     }
@@ -614,10 +815,16 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
             s_respond_error(req, KP_EMETHOD, 0, NULL, NULL, allow);
         return 0;
     }
-    /* Permissions: authentication is not built yet; http.dev_allow_all lets everything in. */
-    if (!s_g.cfg->http_dev_allow_all) {
+    /* Who asks, and may they: token (bearer or cookie) verified here (CPU only), the route's
+     * permission checked against the roles; the session's liveness is checked by the worker. */
+    int deny = s_authorize(req, method, job);
+    if (deny) {
         s_job_free(job);
-        s_respond_error(req, KP_EUNAUTH, 0, NULL, "authentication is not available yet", NULL);
+        if (deny == KP_EUNAUTH)
+            s_respond_error(req, KP_EUNAUTH, 0, "authentication required",
+                            "log in (POST /api/auth/login) and send the access token", NULL);
+        else
+            s_respond_error(req, KP_EPERM, 0, "permission denied", s_deny_detail, NULL);
         return 0;
     }
     snprintf(job->in.method, sizeof job->in.method, "%s", method);
@@ -646,6 +853,17 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
         job->in.content_type =
             s_strndup(req->headers.entries[h].value.base, req->headers.entries[h].value.len);
     job->in.head = head;
+    h2o_iovec_t hv;
+    if (s_header_value(req, H2O_TOKEN_USER_AGENT, NULL, &hv))
+        job->in.user_agent = s_strndup(hv.base, hv.len < 256 ? hv.len : 256);
+    if (s_header_value(req, H2O_TOKEN_COOKIE, NULL, &hv))
+        job->in.cookie = s_strndup(hv.base, hv.len < 8192 ? hv.len : 8192);
+    {
+        struct sockaddr_storage sa;
+        socklen_t sl = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&sa);
+        if (sl && h2o_socket_getnumerichost((struct sockaddr *)&sa, sl, job->in.peer) == SIZE_MAX)
+            job->in.peer[0] = 0;
+    }
     {
         size_t al = req->authority.len < 256 ? req->authority.len : 0;
         bool ok = al > 0;
@@ -835,8 +1053,21 @@ done:
     return rc;
 }
 
+/* `pacs-gateway --routes`: the route table as JSON lines (method, path, permission), for
+ * docs/security.md and the permission tests. */
+static int s_print_routes(void)
+{
+    size_t n = 0;
+    const kp_route_t *r = kp_routes_table(&n);
+    for (size_t i = 0; i < n; i++)
+        printf("{\"method\": \"%s\", \"path\": \"%s\", \"permission\": \"%s\"}\n", r[i].method,
+               r[i].pattern, r[i].permission);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 2 && !strcmp(argv[1], "--routes")) return s_print_routes();
     kp_log_init("pacs-gateway");
     bool exit_now = false;
     kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-gateway", &exit_now, NULL);
@@ -863,6 +1094,21 @@ int main(int argc, char **argv)
     if (!s_g.st) goto out;
     s_g.ing = kp_ingest_new(cfg, s_g.st, "gateway");
     if (!s_g.ing) goto out;
+    s_g.auth = kp_auth_new(cfg);
+    if (!s_g.auth) goto out;
+    kp_www_init(cfg->http_www_dir);
+    if (!cfg->http_dev_allow_all) {
+        kp_db_t *adb = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, true, NULL);
+        if (!adb || kp_auth_reload(s_g.auth, adb)) {
+            kp_error("auth", "cannot load roles and permissions");
+            kp_db_destroy(&adb);
+            goto out;
+        }
+        if (pthread_create(&s_g.reloader, NULL, s_reloader_main, adb) == 0)
+            s_g.reloader_started = true;
+        else
+            kp_db_destroy(&adb);
+    }
     if (cfg->http_metadata_cache_mb > 0) {
         s_g.mdcache = kp_mdcache_new((size_t)cfg->http_metadata_cache_mb << 20,
                                      (int)cfg->http_metadata_cache_ttl);
@@ -947,6 +1193,8 @@ out_dbs:
 out:
     s_stop = 1;
     if (s_g.events_started) pthread_join(s_g.events, NULL);
+    if (s_g.reloader_started) pthread_join(s_g.reloader, NULL);
+    kp_auth_destroy(&s_g.auth);
     kp_mdcache_destroy(&s_g.mdcache);
     kp_ingest_destroy(&s_g.ing);
     kp_storage_destroy(&s_g.st);

@@ -18,12 +18,22 @@
  *    list; the callback fills result data sets (copies of the request with its values
  *    cleared) through kp_dicom_find_add_result/_set; we then send them as Pending responses,
  *    checking for a C-CANCEL (DcmSCP::checkForCANCEL, non-blocking) before each one.
+ *  - C-MOVE / C-GET: the identifier goes to the C callback as for C-FIND; it answers with a
+ *    plan (instances with path and stored syntax, and the destination's address). The
+ *    sub-operations run here on the association's thread with DIMSE_storeUser: C-MOVE over a
+ *    new association (raw ASC API, one context per compressed stored syntax plus an
+ *    uncompressed one per SOP class), C-GET over the requesting association on the storage
+ *    contexts whose SCP role we accepted. An instance goes from its file to the network
+ *    unparsed when the accepted syntax is the stored one, else through kp_image_transcode()
+ *    (never to a lossy syntax). C-CANCEL is checked between sub-operations (and, for C-GET,
+ *    while waiting for each C-STORE response).
  *  - DCMTK's oflog output is routed into kp_log (category "dcmtk"): DCMTK errors become our
  *    warnings, DCMTK warnings our debug lines (real-world files trigger many of them). */
 #include <dcmtk/config/osconfig.h>
 
 #include <dcmtk/dcmdata/dcdict.h>
 #include <dcmtk/dcmdata/dcfcache.h>
+#include <dcmtk/dcmdata/dcistrmb.h>
 #include <dcmtk/dcmdata/dcistrmf.h>
 #include <dcmtk/dcmdata/dcjson.h>
 #include <dcmtk/dcmdata/dcrledrg.h>
@@ -69,6 +79,7 @@
 extern "C" {
 #include "kp_dicom.h"
 #include "kp_errors.h"
+#include "kp_image.h"
 #include "kp_log.h"
 }
 
@@ -617,8 +628,7 @@ extern "C" int kp_dicom_bulk(kp_dicom_file_t *f, const char *tagpath, int64_t *o
         bool top = true;
         for (;;) {
             /* a tag: 8 hex digits */
-            if (strspn(p, "0123456789abcdefABCDEF") != 8 || (p[8] && p[8] != '/'))
-                return KP_EINVAL;
+            if (strspn(p, "0123456789abcdefABCDEF") != 8 || (p[8] && p[8] != '/')) return KP_EINVAL;
             unsigned long t = strtoul(std::string(p, 8).c_str(), nullptr, 16);
             DcmTagKey key(static_cast<Uint16>(t >> 16), static_cast<Uint16>(t & 0xffff));
             if (item->findAndGetElement(key, el, OFFalse).bad() || !el) return KP_ENOTFOUND;
@@ -639,7 +649,8 @@ extern "C" int kp_dicom_bulk(kp_dicom_file_t *f, const char *tagpath, int64_t *o
         if (el->ident() == EVR_SQ) return KP_ENOTFOUND;
         DcmXfer xfer(f->ff.getDataset()->getOriginalXfer());
         const Uint32 lf = el->getLengthField();
-        if (top && el->getTag() == DCM_PixelData && (lf == DCM_UndefinedLength || xfer.isEncapsulated()))
+        if (top && el->getTag() == DCM_PixelData &&
+            (lf == DCM_UndefinedLength || xfer.isEncapsulated()))
             return KP_EUNSUPPORTED; /* encapsulated pixel data: served as frames */
         if (lf == DCM_UndefinedLength) return KP_EUNSUPPORTED;
         const DcmInputStreamFactory *fac = el->getInputStream();
@@ -887,6 +898,64 @@ extern "C" void kp_dicom_find_set_comment(kp_dicom_find_results_t *out, const ch
     }
 }
 
+/* C-MOVE / C-GET: what the C callback resolved the identifier into. */
+struct KpRetrieveItem {
+    std::string sop_class, sop_uid, ts, path, study;
+};
+
+struct kp_dicom_retrieve_plan {
+    std::vector<KpRetrieveItem> items;
+    std::string host;
+    int port = 0;
+    std::string comment;
+};
+
+extern "C" int kp_dicom_retrieve_add(kp_dicom_retrieve_plan_t *plan, const char *sop_class_uid,
+                                     const char *sop_instance_uid, const char *transfer_syntax_uid,
+                                     const char *path, const char *study_uid)
+{
+    if (!plan || !sop_class_uid || !sop_instance_uid || !*sop_instance_uid || !path || !*path)
+        return KP_EINVAL;
+    if (strlen(sop_class_uid) > 64 || strlen(sop_instance_uid) > 64) return KP_EINVAL;
+    try {
+        KpRetrieveItem it;
+        it.sop_class = sop_class_uid;
+        it.sop_uid = sop_instance_uid;
+        it.ts = transfer_syntax_uid ? transfer_syntax_uid : "";
+        it.path = path;
+        it.study = study_uid ? study_uid : "";
+        plan->items.push_back(std::move(it));
+        return KP_OK;
+    } catch (const std::bad_alloc &) {
+        return KP_ENOMEM;
+    } catch (...) {
+        return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_retrieve_set_destination(kp_dicom_retrieve_plan_t *plan, const char *host,
+                                                 int port)
+{
+    if (!plan || !host || !*host || port < 1 || port > 65535) return KP_EINVAL;
+    try {
+        plan->host = host;
+        plan->port = port;
+        return KP_OK;
+    } catch (...) {
+        return KP_ENOMEM;
+    }
+}
+
+extern "C" void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, const char *text)
+{
+    if (!plan) return;
+    try {
+        plan->comment = text ? text : "";
+        if (plan->comment.size() > 64) plan->comment.resize(64);
+    } catch (...) {
+    }
+}
+
 namespace
 {
 
@@ -913,6 +982,278 @@ std::string s_find_key_text(DcmElement *el)
     }
     if (out.find_first_not_of('\\') == std::string::npos) out.clear();
     return s_utf8_sanitize(out);
+}
+
+/* A query/retrieve identifier as the C side sees it: QueryRetrieveLevel apart, every other
+ * top-level key (not 0008,0005) as UTF-8 text. keys[i].value points into texts. */
+struct KpIdentifier {
+    std::string level;
+    bool has_level = false;
+    std::vector<std::string> texts;
+    std::vector<kp_dicom_find_key_t> keys;
+};
+
+/* Converts ds to UTF-8 when it declares another character set (false when that fails) and
+ * fills id from it. */
+bool s_identifier(DcmDataset *ds, KpIdentifier &id)
+{
+    OFString cs;
+    if (ds->findAndGetOFStringArray(DCM_SpecificCharacterSet, cs).good() && !cs.empty() &&
+        cs != "ISO_IR 192" && cs != "ISO_IR 6" && ds->convertToUTF8().bad())
+        return false;
+    id.texts.reserve(ds->card());
+    for (unsigned long i = 0; i < ds->card(); i++) {
+        DcmElement *el = ds->getElement(i);
+        if (!el) continue;
+        const DcmTagKey k = el->getTag().getXTag();
+        if (k.getElement() == 0 || k.getGroup() <= 0x0002) continue;
+        if (k == DCM_QueryRetrieveLevel) {
+            id.has_level = true;
+            id.level = s_find_key_text(el);
+            continue;
+        }
+        if (k == DCM_SpecificCharacterSet) continue;
+        id.texts.push_back(s_find_key_text(el));
+        kp_dicom_find_key_t key;
+        key.tag = (static_cast<uint32_t>(k.getGroup()) << 16) | k.getElement();
+        snprintf(key.vr, sizeof key.vr, "%s", DcmVR(el->getVR()).getValidVRName());
+        key.value = nullptr;
+        id.keys.push_back(key);
+    }
+    for (size_t i = 0; i < id.keys.size(); i++)
+        id.keys[i].value = id.texts[i].c_str();
+    return true;
+}
+
+/* ---- C-MOVE / C-GET sub-operations ---------------------------------------------------------- */
+
+bool s_is_uncompressed(const std::string &ts)
+{
+    return ts == UID_LittleEndianExplicitTransferSyntax ||
+           ts == UID_LittleEndianImplicitTransferSyntax ||
+           ts == UID_BigEndianExplicitTransferSyntax;
+}
+
+/* Targets we transcode to when the stored syntax was not accepted, best first: uncompressed,
+ * then lossless compression. Never a lossy syntax (it would change the pixels). */
+int s_target_rank(const std::string &ts)
+{
+    static const char *const order[] = {
+        UID_LittleEndianExplicitTransferSyntax, UID_LittleEndianImplicitTransferSyntax,
+        UID_BigEndianExplicitTransferSyntax,    UID_DeflatedExplicitVRLittleEndianTransferSyntax,
+        UID_JPEGLSLosslessTransferSyntax,       UID_JPEGProcess14SV1TransferSyntax,
+        UID_JPEGProcess14TransferSyntax,        UID_RLELosslessTransferSyntax,
+    };
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (ts == order[i]) return static_cast<int>(i);
+    return -1;
+}
+
+/* The accepted presentation context of assoc on which to send an instance of sop_class stored
+ * in ts: one with that very syntax if any, else the best transcoding target (s_target_rank).
+ * as_scu: we send on the requesting association (C-GET), so the context must give us the
+ * storage SCU role, i.e. the peer the SCP role. 0 when there is none; *accepted gets its
+ * transfer syntax. */
+T_ASC_PresentationContextID s_pick_context(T_ASC_Association *assoc, const std::string &sop_class,
+                                           const std::string &ts, bool as_scu,
+                                           std::string &accepted)
+{
+    T_ASC_PresentationContextID best = 0;
+    int best_rank = 1000;
+    const int n = ASC_countPresentationContexts(assoc->params);
+    for (int i = 0; i < n; i++) {
+        T_ASC_PresentationContext pc;
+        if (ASC_getPresentationContext(assoc->params, i, &pc).bad()) continue;
+        if (pc.resultReason != ASC_P_ACCEPTANCE || sop_class != pc.abstractSyntax) continue;
+        if (as_scu && pc.acceptedRole != ASC_SC_ROLE_SCP && pc.acceptedRole != ASC_SC_ROLE_SCUSCP)
+            continue;
+        const std::string xfer = pc.acceptedTransferSyntax;
+        int rank = xfer == ts ? -1 : s_target_rank(xfer);
+        if (rank < 0 && xfer != ts) continue;
+        if (rank < best_rank) {
+            best_rank = rank;
+            best = pc.presentationContextID;
+            accepted = xfer;
+        }
+    }
+    return best;
+}
+
+/* Counters and the failed list of one C-MOVE / C-GET. */
+struct KpSubOps {
+    unsigned total = 0, completed = 0, failed = 0, warning = 0;
+    std::vector<std::string> failed_uids;
+    unsigned remaining() const
+    {
+        return total - completed - failed - warning;
+    }
+    void fail(const std::string &uid)
+    {
+        failed++;
+        failed_uids.push_back(uid);
+    }
+};
+
+/* Sends one instance with C-STORE on assoc / pres_id, transcoding it to accepted when that
+ * differs from the stored syntax. Returns the condition of the exchange (bad: the association
+ * is no longer usable) and the peer's status in *status (0xC000-ish failure of ours, with
+ * *why, when the instance could not even be prepared: the exchange condition is then good). */
+OFCondition s_store_instance(T_ASC_Association *assoc, T_ASC_PresentationContextID pres_id,
+                             const KpRetrieveItem &it, const std::string &accepted,
+                             const char *move_originator, DIC_US move_msg_id, int timeout,
+                             T_DIMSE_DetectedCancelParameters *cancel, Uint16 *status,
+                             std::string &why)
+{
+    T_DIMSE_C_StoreRQ rq;
+    memset(&rq, 0, sizeof rq);
+    rq.MessageID = assoc->nextMsgID++;
+    OFStandard::strlcpy(rq.AffectedSOPClassUID, it.sop_class.c_str(),
+                        sizeof rq.AffectedSOPClassUID);
+    OFStandard::strlcpy(rq.AffectedSOPInstanceUID, it.sop_uid.c_str(),
+                        sizeof rq.AffectedSOPInstanceUID);
+    rq.DataSetType = DIMSE_DATASET_PRESENT;
+    rq.Priority = DIMSE_PRIORITY_MEDIUM;
+    if (move_originator) {
+        OFStandard::strlcpy(rq.MoveOriginatorApplicationEntityTitle, move_originator,
+                            sizeof rq.MoveOriginatorApplicationEntityTitle);
+        rq.MoveOriginatorID = move_msg_id;
+        rq.opts = O_STORE_MOVEORIGINATORAETITLE | O_STORE_MOVEORIGINATORID;
+    }
+    T_DIMSE_C_StoreRSP rsp;
+    memset(&rsp, 0, sizeof rsp);
+    DcmDataset *detail = nullptr;
+    OFCondition c = EC_Normal;
+    if (!it.ts.empty() && it.ts == accepted) {
+        /* as stored: the data set goes from the file to the network without being parsed */
+        if (access(it.path.c_str(), R_OK) != 0) {
+            why = "stored file missing or unreadable";
+            *status = STATUS_STORE_Error_CannotUnderstand;
+            return EC_Normal;
+        }
+        c = DIMSE_storeUser(assoc, pres_id, &rq, it.path.c_str(), nullptr, nullptr, nullptr,
+                            DIMSE_NONBLOCKING, timeout, &rsp, &detail, cancel);
+    } else {
+        kp_buf_t buf = {nullptr, 0};
+        int rc = kp_image_transcode(it.path.c_str(), accepted.c_str(), &buf);
+        if (rc) {
+            why = std::string("cannot transcode to ") + accepted + ": " + kp_strerror(rc);
+            *status = STATUS_STORE_Error_CannotUnderstand;
+            return EC_Normal;
+        }
+        DcmFileFormat ff;
+        {
+            DcmInputBufferStream is;
+            is.setBuffer(buf.data, static_cast<offile_off_t>(buf.len));
+            is.setEos();
+            ff.transferInit();
+            c = ff.read(is, EXS_Unknown, EGL_noChange, DCM_MaxReadLength);
+            ff.transferEnd();
+        }
+        if (c.bad()) {
+            kp_buf_free(&buf);
+            why = std::string("cannot read the transcoded instance: ") + c.text();
+            *status = STATUS_STORE_Error_CannotUnderstand;
+            return EC_Normal;
+        }
+        c = DIMSE_storeUser(assoc, pres_id, &rq, nullptr, ff.getDataset(), nullptr, nullptr,
+                            DIMSE_NONBLOCKING, timeout, &rsp, &detail, cancel);
+        kp_buf_free(&buf);
+    }
+    delete detail;
+    if (c.good()) *status = rsp.DimseStatus;
+    return c;
+}
+
+/* The association of a C-MOVE to its destination (closed by the destructor). */
+struct KpSubAssoc {
+    T_ASC_Network *net = nullptr;
+    T_ASC_Association *assoc = nullptr;
+    bool broken = false;
+    ~KpSubAssoc()
+    {
+        if (assoc) {
+            if (broken)
+                ASC_abortAssociation(assoc);
+            else if (ASC_releaseAssociation(assoc).bad())
+                ASC_abortAssociation(assoc);
+            ASC_destroyAssociation(&assoc);
+        }
+        if (net) ASC_dropNetwork(&net);
+    }
+};
+
+/* Opens the association from our AE to the move destination, proposing for each SOP class of
+ * the plan a context per compressed stored syntax and one with Explicit and Implicit VR Little
+ * Endian (at most 128 contexts: compressed ones beyond that are left out, their instances are
+ * then transcoded). */
+OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg,
+                               const std::vector<KpRetrieveItem> &items, const std::string &dest_ae,
+                               const std::string &host, int port, std::string &why)
+{
+    std::vector<std::string> classes;
+    std::vector<std::pair<std::string, std::string>> compressed;
+    std::set<std::string> seen_class;
+    std::set<std::pair<std::string, std::string>> seen_pair;
+    for (const auto &it : items) {
+        if (it.sop_class.empty()) continue; /* cannot be sent: its sub-operation fails */
+        if (seen_class.insert(it.sop_class).second) classes.push_back(it.sop_class);
+        if (!it.ts.empty() && !s_is_uncompressed(it.ts) &&
+            seen_pair.insert(std::make_pair(it.sop_class, it.ts)).second)
+            compressed.push_back(std::make_pair(it.sop_class, it.ts));
+    }
+    if (classes.size() > 128) classes.resize(128);
+    if (classes.size() + compressed.size() > 128) compressed.resize(128 - classes.size());
+
+    OFCondition c = ASC_initializeNetwork(NET_REQUESTOR, 0, cfg->acse_timeout, &sub.net);
+    if (c.bad()) {
+        why = std::string("cannot initialise the network: ") + c.text();
+        return c;
+    }
+    T_ASC_Parameters *params = nullptr;
+    c = ASC_createAssociationParameters(&params, static_cast<Uint32>(cfg->max_pdu));
+    if (c.bad()) {
+        why = c.text();
+        return c;
+    }
+    ASC_setAPTitles(params, cfg->ae_title, dest_ae.c_str(), nullptr);
+    char peer[300];
+    snprintf(peer, sizeof peer, "%s:%d", host.c_str(), port);
+    ASC_setPresentationAddresses(params, "localhost", peer);
+    T_ASC_PresentationContextID id = 1;
+    for (const auto &p : compressed) {
+        const char *ts[] = {p.second.c_str()};
+        c = ASC_addPresentationContext(params, id, p.first.c_str(), ts, 1);
+        if (c.bad()) break;
+        id = static_cast<T_ASC_PresentationContextID>(id + 2);
+    }
+    for (size_t i = 0; c.good() && i < classes.size(); i++) {
+        const char *ts[] = {UID_LittleEndianExplicitTransferSyntax,
+                            UID_LittleEndianImplicitTransferSyntax};
+        c = ASC_addPresentationContext(params, id, classes[i].c_str(), ts, 2);
+        id = static_cast<T_ASC_PresentationContextID>(id + 2);
+    }
+    if (c.bad()) {
+        ASC_destroyAssociationParameters(&params);
+        why = std::string("cannot propose presentation contexts: ") + c.text();
+        return c;
+    }
+    c = ASC_requestAssociation(sub.net, params, &sub.assoc);
+    if (c.bad()) {
+        if (!sub.assoc) ASC_destroyAssociationParameters(&params);
+        why = std::string("cannot open an association to ") + dest_ae + " at " + peer + ": " +
+              (c == DUL_ASSOCIATIONREJECTED ? "association rejected" : c.text());
+        if (sub.assoc) {
+            ASC_dropAssociation(sub.assoc);
+            ASC_destroyAssociation(&sub.assoc);
+        }
+        return c.bad() ? c : EC_IllegalCall;
+    }
+    if (ASC_countAcceptedPresentationContexts(sub.assoc->params) == 0) {
+        why = dest_ae + " accepted none of the presentation contexts";
+        sub.broken = false;
+        return EC_IllegalCall;
+    }
+    return EC_Normal;
 }
 
 /* One association: a DcmThreadSCP whose command loop and C-STORE handling are ours. */
@@ -966,6 +1307,15 @@ class KpAssocSCP : public DcmThreadSCP
             c = ASC_acceptContextsWithPreferredTransferSyntaxes(
                 m_assoc->params, find, 2, const_cast<const char **>(echo_xfers), 3);
             if (c.good()) s_negotiate_find_extended();
+        }
+        if (c.good() && m_cfg->on_retrieve) {
+            const char *ret[] = {UID_MOVEPatientRootQueryRetrieveInformationModel,
+                                 UID_MOVEStudyRootQueryRetrieveInformationModel,
+                                 UID_GETPatientRootQueryRetrieveInformationModel,
+                                 UID_GETStudyRootQueryRetrieveInformationModel};
+            c = ASC_acceptContextsWithPreferredTransferSyntaxes(
+                m_assoc->params, ret, 4, const_cast<const char **>(echo_xfers), 3);
+            if (c.good()) c = s_accept_storage_roles();
         }
         if (c.bad()) kp_warn(CAT, "negotiating presentation contexts failed: %s", c.text());
         return c;
@@ -1037,6 +1387,14 @@ class KpAssocSCP : public DcmThreadSCP
         if (msg->CommandField == DIMSE_C_STORE_RQ) return s_store(msg->msg.CStoreRQ, info);
         if (msg->CommandField == DIMSE_C_FIND_RQ && m_cfg->on_find)
             return s_find(msg->msg.CFindRQ, info);
+        if (msg->CommandField == DIMSE_C_MOVE_RQ && m_cfg->on_retrieve)
+            return s_retrieve(KP_DICOM_MOVE, msg->msg.CMoveRQ.MessageID,
+                              msg->msg.CMoveRQ.AffectedSOPClassUID,
+                              msg->msg.CMoveRQ.MoveDestination, &msg->msg.CMoveRQ, nullptr, info);
+        if (msg->CommandField == DIMSE_C_GET_RQ && m_cfg->on_retrieve)
+            return s_retrieve(KP_DICOM_GET, msg->msg.CGetRQ.MessageID,
+                              msg->msg.CGetRQ.AffectedSOPClassUID, nullptr, nullptr,
+                              &msg->msg.CGetRQ, info);
         return DcmThreadSCP::handleIncomingCommand(msg, info);
     }
 
@@ -1137,42 +1495,15 @@ class KpAssocSCP : public DcmThreadSCP
             status = STATUS_FIND_Refused_SOPClassNotSupported;
             res.comment = "SOP class not supported for C-FIND";
         }
-        OFString cs;
-        if (!status && ds->findAndGetOFStringArray(DCM_SpecificCharacterSet, cs).good() &&
-            !cs.empty() && cs != "ISO_IR 192" && cs != "ISO_IR 6") {
-            if (ds->convertToUTF8().bad()) {
-                kp_warn(CAT, "C-FIND from %s: cannot convert character set '%s' to UTF-8",
-                        m_calling.c_str(), cs.c_str());
-                status = STATUS_FIND_Failed_UnableToProcess;
-                res.comment = "Specific Character Set not supported";
-            }
+        KpIdentifier id;
+        if (!status && !s_identifier(ds.get(), id)) {
+            kp_warn(CAT, "C-FIND from %s: cannot convert the identifier's character set to UTF-8",
+                    m_calling.c_str());
+            status = STATUS_FIND_Failed_UnableToProcess;
+            res.comment = "Specific Character Set not supported";
         }
         if (!status) {
-            std::string level;
-            bool has_level = false;
-            std::vector<std::string> texts;
-            std::vector<kp_dicom_find_key_t> keys;
-            texts.reserve(ds->card());
-            for (unsigned long i = 0; i < ds->card(); i++) {
-                DcmElement *el = ds->getElement(i);
-                if (!el) continue;
-                const DcmTagKey k = el->getTag().getXTag();
-                if (k.getElement() == 0 || k.getGroup() <= 0x0002) continue;
-                if (k == DCM_QueryRetrieveLevel) {
-                    has_level = true;
-                    level = s_find_key_text(el);
-                    continue;
-                }
-                if (k == DCM_SpecificCharacterSet) continue;
-                texts.push_back(s_find_key_text(el));
-                kp_dicom_find_key_t key;
-                key.tag = (static_cast<uint32_t>(k.getGroup()) << 16) | k.getElement();
-                snprintf(key.vr, sizeof key.vr, "%s", DcmVR(el->getVR()).getValidVRName());
-                key.value = nullptr;
-                keys.push_back(key);
-            }
-            for (size_t i = 0; i < keys.size(); i++)
-                keys[i].value = texts[i].c_str();
+            const std::string &level = id.level;
             /* the template every result starts from: the request's keys, zero-length */
             res.tmpl = *ds;
             for (unsigned long i = 0; i < res.tmpl.card(); i++) {
@@ -1188,10 +1519,10 @@ class KpAssocSCP : public DcmThreadSCP
             req.called_ae = m_called.c_str();
             req.peer_host = m_peer.c_str();
             req.model = model;
-            req.level = has_level ? level.c_str() : nullptr;
+            req.level = id.has_level ? level.c_str() : nullptr;
             req.combined_datetime = m_combined_datetime.count(sop_class.c_str()) ? 1 : 0;
-            req.keys = keys.empty() ? nullptr : keys.data();
-            req.nkeys = keys.size();
+            req.keys = id.keys.empty() ? nullptr : id.keys.data();
+            req.nkeys = id.keys.size();
             status = static_cast<Uint16>(m_cfg->on_find(m_cfg->user, &req, &res));
         }
         size_t sent = 0;
@@ -1219,6 +1550,316 @@ class KpAssocSCP : public DcmThreadSCP
         if (with_detail) detail.putAndInsertString(DCM_ErrorComment, res.comment.c_str());
         return sendFINDResponse(pres_id, rq.MessageID, sop_class, nullptr, status,
                                 with_detail ? &detail : nullptr);
+    }
+
+    /* C-GET: the SCU proposes storage SOP classes with the SCP role (SCP/SCU role selection) so
+     * that our C-STORE sub-operations can come back on this association: accept that role on
+     * every storage context already accepted (the syntax chosen for storage is kept). */
+    OFCondition s_accept_storage_roles()
+    {
+        const int n = ASC_countPresentationContexts(m_assoc->params);
+        for (int i = 0; i < n; i++) {
+            T_ASC_PresentationContext pc;
+            if (ASC_getPresentationContext(m_assoc->params, i, &pc).bad()) continue;
+            if (pc.resultReason != ASC_P_ACCEPTANCE || !dcmIsaStorageSOPClassUID(pc.abstractSyntax))
+                continue;
+            if (pc.proposedRole != ASC_SC_ROLE_SCP && pc.proposedRole != ASC_SC_ROLE_SCUSCP)
+                continue;
+            OFCondition c =
+                ASC_acceptPresentationContext(m_assoc->params, pc.presentationContextID,
+                                              pc.acceptedTransferSyntax, pc.proposedRole);
+            if (c.bad()) return c;
+        }
+        return EC_Normal;
+    }
+
+    /* One C-MOVE or C-GET response (Pending when status is 0xFF00). ids: the identifier with
+     * the Failed SOP Instance UID List, or NULL; comment: Error Comment, or "". */
+    OFCondition s_retrieve_rsp(int op, T_ASC_PresentationContextID pres_id, DIC_US msg_id,
+                               const char *sop_class, void *rq, Uint16 status, const KpSubOps &n,
+                               DcmDataset *ids, const std::string &comment)
+    {
+        DcmDataset detail;
+        DcmDataset *pdetail = nullptr;
+        if (!comment.empty() && status != 0 && (status & 0xF000) != 0xF000) {
+            detail.putAndInsertString(DCM_ErrorComment, comment.c_str());
+            pdetail = &detail;
+        }
+        /* counts: on every Pending and Cancel response, and on final ones once sub-operations
+         * were started; remaining only on Pending and Cancel (PS3.4 C.4.2.1.6/7) */
+        const bool pending = status == STATUS_MOVE_Pending_SubOperationsAreContinuing;
+        const bool cancel =
+            status == STATUS_MOVE_Cancel_SubOperationsTerminatedDueToCancelIndication;
+        const bool counts = pending || cancel || n.total > 0;
+        auto cap = [](unsigned v) { return static_cast<DIC_US>(v > 65535 ? 65535 : v); };
+        if (op == KP_DICOM_MOVE) {
+            T_DIMSE_C_MoveRSP rsp;
+            memset(&rsp, 0, sizeof rsp);
+            rsp.MessageIDBeingRespondedTo = msg_id;
+            OFStandard::strlcpy(rsp.AffectedSOPClassUID, sop_class, sizeof rsp.AffectedSOPClassUID);
+            rsp.DimseStatus = status;
+            rsp.DataSetType = ids ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
+            rsp.opts = O_MOVE_AFFECTEDSOPCLASSUID;
+            if (counts) {
+                rsp.NumberOfCompletedSubOperations = cap(n.completed);
+                rsp.NumberOfFailedSubOperations = cap(n.failed);
+                rsp.NumberOfWarningSubOperations = cap(n.warning);
+                rsp.opts |= O_MOVE_NUMBEROFCOMPLETEDSUBOPERATIONS |
+                            O_MOVE_NUMBEROFFAILEDSUBOPERATIONS |
+                            O_MOVE_NUMBEROFWARNINGSUBOPERATIONS;
+                if (pending || cancel) {
+                    rsp.NumberOfRemainingSubOperations = cap(n.remaining());
+                    rsp.opts |= O_MOVE_NUMBEROFREMAININGSUBOPERATIONS;
+                }
+            }
+            return DIMSE_sendMoveResponse(m_assoc, pres_id, static_cast<T_DIMSE_C_MoveRQ *>(rq),
+                                          &rsp, ids, pdetail);
+        }
+        T_DIMSE_C_GetRSP rsp;
+        memset(&rsp, 0, sizeof rsp);
+        rsp.MessageIDBeingRespondedTo = msg_id;
+        OFStandard::strlcpy(rsp.AffectedSOPClassUID, sop_class, sizeof rsp.AffectedSOPClassUID);
+        rsp.DimseStatus = status;
+        rsp.DataSetType = ids ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
+        rsp.opts = O_GET_AFFECTEDSOPCLASSUID;
+        if (counts) {
+            rsp.NumberOfCompletedSubOperations = cap(n.completed);
+            rsp.NumberOfFailedSubOperations = cap(n.failed);
+            rsp.NumberOfWarningSubOperations = cap(n.warning);
+            rsp.opts |= O_GET_NUMBEROFCOMPLETEDSUBOPERATIONS | O_GET_NUMBEROFFAILEDSUBOPERATIONS |
+                        O_GET_NUMBEROFWARNINGSUBOPERATIONS;
+            if (pending || cancel) {
+                rsp.NumberOfRemainingSubOperations = cap(n.remaining());
+                rsp.opts |= O_GET_NUMBEROFREMAININGSUBOPERATIONS;
+            }
+        }
+        return DIMSE_sendGetResponse(m_assoc, pres_id, static_cast<T_DIMSE_C_GetRQ *>(rq), &rsp,
+                                     ids, pdetail);
+    }
+
+    /* C-MOVE and C-GET (PS3.4 C.4.2, C.4.3): receive the identifier, let the C callback
+     * resolve it into instances, then one C-STORE sub-operation per instance (over a new
+     * association to the destination for C-MOVE, over this one for C-GET), a Pending response
+     * after each, C-CANCEL checked between them, and the final status. */
+    OFCondition s_retrieve(int op, DIC_US msg_id, const char *sop_class_c, const char *move_dest,
+                           T_DIMSE_C_MoveRQ *move_rq, T_DIMSE_C_GetRQ *get_rq,
+                           const DcmPresentationContextInfo &info)
+    {
+        const char *what = op == KP_DICOM_MOVE ? "C-MOVE" : "C-GET";
+        void *rq = op == KP_DICOM_MOVE ? static_cast<void *>(move_rq) : static_cast<void *>(get_rq);
+        T_ASC_PresentationContextID pres_id = info.presentationContextID;
+        DcmDataset *raw = nullptr;
+        OFCondition c = DIMSE_receiveDataSetInMemory(m_assoc, DIMSE_NONBLOCKING,
+                                                     static_cast<int>(s_dimse_timeout()), &pres_id,
+                                                     &raw, nullptr, nullptr);
+        if (c.bad()) {
+            delete raw;
+            kp_warn(CAT, "%s from %s: receiving the identifier failed: %s", what, m_peer.c_str(),
+                    c.text());
+            return c;
+        }
+        std::unique_ptr<DcmDataset> ds(raw);
+        const std::string sop_class = sop_class_c;
+        std::string dest = move_dest ? move_dest : "";
+        while (!dest.empty() && dest.back() == ' ')
+            dest.pop_back();
+        while (!dest.empty() && dest.front() == ' ')
+            dest.erase(0, 1);
+
+        kp_dicom_retrieve_plan_t plan;
+        KpSubOps n;
+        Uint16 status = 0;
+        std::string comment;
+        int model = 0;
+        if (op == KP_DICOM_MOVE)
+            model = sop_class == UID_MOVEPatientRootQueryRetrieveInformationModel ? 1
+                    : sop_class == UID_MOVEStudyRootQueryRetrieveInformationModel ? 2
+                                                                                  : 0;
+        else
+            model = sop_class == UID_GETPatientRootQueryRetrieveInformationModel ? 1
+                    : sop_class == UID_GETStudyRootQueryRetrieveInformationModel ? 2
+                                                                                 : 0;
+        KpIdentifier id;
+        if (!model || info.abstractSyntax != sop_class_c) {
+            status = STATUS_MOVE_Refused_SOPClassNotSupported;
+            comment = std::string("SOP class not supported for ") + what;
+        } else if (!s_identifier(ds.get(), id)) {
+            status = STATUS_MOVE_Failed_UnableToProcess;
+            comment = "Specific Character Set not supported";
+        }
+        kp_dicom_retrieve_req_t req;
+        req.calling_ae = m_calling.c_str();
+        req.called_ae = m_called.c_str();
+        req.peer_host = m_peer.c_str();
+        req.op = op;
+        req.model = model;
+        req.level = id.has_level ? id.level.c_str() : nullptr;
+        req.move_destination = op == KP_DICOM_MOVE ? dest.c_str() : nullptr;
+        req.keys = id.keys.empty() ? nullptr : id.keys.data();
+        req.nkeys = id.keys.size();
+        if (!status) {
+            status = static_cast<Uint16>(m_cfg->on_retrieve(m_cfg->user, &req, &plan));
+            comment = plan.comment;
+            if (!status && op == KP_DICOM_MOVE && !plan.items.empty() && plan.port == 0) {
+                status = STATUS_MOVE_Refused_MoveDestinationUnknown;
+                comment = "move destination unknown";
+            }
+            if (!status && plan.items.size() > 65535) {
+                status = STATUS_MOVE_Refused_OutOfResourcesNumberOfMatches;
+                comment = "more than 65535 instances; retrieve less at once";
+            }
+        }
+        bool cancelled = false;
+        bool sub_started = false;
+        if (!status) {
+            n.total = static_cast<unsigned>(plan.items.size());
+            sub_started = true;
+            c = s_run_subops(op, pres_id, msg_id, sop_class, rq, dest, plan, n, cancelled, comment);
+            if (c.bad()) {
+                /* our association is gone: nobody to answer to */
+                s_retrieve_done(req, plan, n, STATUS_MOVE_Failed_UnableToProcess,
+                                std::string("association lost: ") + c.text());
+                return c;
+            }
+            if (cancelled)
+                status = STATUS_MOVE_Cancel_SubOperationsTerminatedDueToCancelIndication;
+            else if (n.failed > 0 && n.completed + n.warning == 0)
+                status = STATUS_MOVE_Refused_OutOfResourcesSubOperations;
+            else if (n.failed > 0 || n.warning > 0)
+                status = STATUS_MOVE_Warning_SubOperationsCompleteOneOrMoreFailures;
+        }
+        /* Failed SOP Instance UID List (0008,0058) on a final response with failures; UI
+         * values are capped at 64 KiB in all */
+        std::unique_ptr<DcmDataset> ids;
+        if (sub_started && !n.failed_uids.empty() && status != 0) {
+            std::string list;
+            for (const auto &u : n.failed_uids) {
+                if (list.size() + u.size() + 1 > 65000) break;
+                if (!list.empty()) list.push_back('\\');
+                list += u;
+            }
+            ids.reset(new DcmDataset());
+            ids->putAndInsertString(DCM_FailedSOPInstanceUIDList, list.c_str());
+        }
+        if (!sub_started) n.total = 0;
+        c = s_retrieve_rsp(op, pres_id, msg_id, sop_class_c, rq, status, n, ids.get(), comment);
+        kp_info(CAT,
+                "%s from %s (%s)%s%s: %u instance(s), %u completed, %u failed, %u warning, "
+                "status %04X%s%s",
+                what, m_calling.c_str(), m_peer.c_str(), op == KP_DICOM_MOVE ? " to " : "",
+                op == KP_DICOM_MOVE ? dest.c_str() : "", n.total, n.completed, n.failed, n.warning,
+                status, comment.empty() ? "" : ": ", comment.c_str());
+        s_retrieve_done(req, plan, n, status, comment);
+        return c;
+    }
+
+    void s_retrieve_done(const kp_dicom_retrieve_req_t &req, const kp_dicom_retrieve_plan_t &plan,
+                         const KpSubOps &n, Uint16 status, const std::string &error)
+    {
+        if (!m_cfg->on_retrieve_done) return;
+        std::vector<const char *> studies;
+        std::set<std::string> seen;
+        for (const auto &it : plan.items)
+            if (!it.study.empty() && seen.insert(it.study).second)
+                studies.push_back(it.study.c_str());
+        kp_dicom_retrieve_result_t res;
+        res.status = status;
+        res.completed = n.completed;
+        res.failed = n.failed;
+        res.warning = n.warning;
+        res.remaining = n.remaining();
+        res.study_uids = studies.empty() ? nullptr : studies.data();
+        res.nstudies = studies.size();
+        res.error = error.c_str();
+        m_cfg->on_retrieve_done(m_cfg->user, &req, &res);
+    }
+
+    /* Runs the sub-operations. Returns a bad condition only when the requesting association
+     * broke; *cancelled when a C-CANCEL arrived; comment gets the reason of a failure that
+     * stopped everything (the destination could not be reached, say). */
+    OFCondition s_run_subops(int op, T_ASC_PresentationContextID pres_id, DIC_US msg_id,
+                             const std::string &sop_class, void *rq, const std::string &dest,
+                             const kp_dicom_retrieve_plan_t &plan, KpSubOps &n, bool &cancelled,
+                             std::string &comment)
+    {
+        const char *what = op == KP_DICOM_MOVE ? "C-MOVE" : "C-GET";
+        const int timeout = static_cast<int>(s_dimse_timeout());
+        if (plan.items.empty()) return EC_Normal;
+        std::unique_ptr<KpSubAssoc> sub;
+        if (op == KP_DICOM_MOVE) {
+            sub.reset(new KpSubAssoc());
+            std::string why;
+            if (s_open_destination(*sub, m_cfg, plan.items, dest, plan.host, plan.port, why)
+                    .bad()) {
+                kp_warn(CAT, "C-MOVE from %s: %s", m_calling.c_str(), why.c_str());
+                comment = why.size() > 64 ? why.substr(0, 64) : why;
+                for (const auto &it : plan.items)
+                    n.fail(it.sop_uid);
+                return EC_Normal;
+            }
+        }
+        T_ASC_Association *target = op == KP_DICOM_MOVE ? sub->assoc : m_assoc;
+        for (size_t i = 0; i < plan.items.size(); i++) {
+            const KpRetrieveItem &it = plan.items[i];
+            /* C-CANCEL, or a stop of the daemon, between two sub-operations */
+            OFCondition cc = DIMSE_checkForCancelRQ(m_assoc, pres_id, msg_id);
+            if (cc.good()) {
+                cancelled = true;
+                kp_info(CAT, "%s from %s cancelled after %u of %u sub-operations", what,
+                        m_calling.c_str(), n.total - n.remaining(), n.total);
+                return EC_Normal;
+            }
+            if (cc != DIMSE_NODATAAVAILABLE) return cc; /* broken, or an unexpected message */
+            if (*m_cfg->stop || m_abort->load() || (sub && sub->broken)) {
+                for (size_t k = i; k < plan.items.size(); k++)
+                    n.fail(plan.items[k].sop_uid);
+                if (!sub || !sub->broken) comment = "stopping: sub-operations not performed";
+                break;
+            }
+            std::string accepted, why;
+            T_ASC_PresentationContextID ctx =
+                s_pick_context(target, it.sop_class, it.ts, op == KP_DICOM_GET, accepted);
+            Uint16 st = STATUS_STORE_Refused_SOPClassNotSupported;
+            T_DIMSE_DetectedCancelParameters cancel;
+            memset(&cancel, 0, sizeof cancel);
+            if (!ctx) {
+                why = "no accepted presentation context for its SOP class / transfer syntax";
+            } else {
+                OFCondition sc = s_store_instance(
+                    target, ctx, it, accepted, op == KP_DICOM_MOVE ? m_calling.c_str() : nullptr,
+                    msg_id, timeout, op == KP_DICOM_GET ? &cancel : nullptr, &st, why);
+                if (sc.bad()) {
+                    if (op == KP_DICOM_GET) return sc; /* the requesting association broke */
+                    why = std::string("association to the destination failed: ") + sc.text();
+                    sub->broken = true;
+                    st = STATUS_STORE_Refused_OutOfResources;
+                    comment = why.substr(0, 64);
+                }
+            }
+            if (st == STATUS_Success)
+                n.completed++;
+            else if ((st & 0xF000) == 0xB000)
+                n.warning++;
+            else {
+                n.fail(it.sop_uid);
+                kp_warn(CAT, "%s from %s: sub-operation for %s failed (status %04X)%s%s", what,
+                        m_calling.c_str(), it.sop_uid.c_str(), st, why.empty() ? "" : ": ",
+                        why.c_str());
+            }
+            if (cancel.cancelEncountered) {
+                cancelled = true;
+                kp_info(CAT, "%s from %s cancelled after %u of %u sub-operations", what,
+                        m_calling.c_str(), n.total - n.remaining(), n.total);
+                return EC_Normal;
+            }
+            if (n.remaining() > 0) {
+                OFCondition rc =
+                    s_retrieve_rsp(op, pres_id, msg_id, sop_class.c_str(), rq,
+                                   STATUS_MOVE_Pending_SubOperationsAreContinuing, n, nullptr, "");
+                if (rc.bad()) return rc;
+            }
+        }
+        return EC_Normal;
     }
 
     Uint32 s_dimse_timeout() const
@@ -1333,6 +1974,8 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
         if (!nodelay || strcmp(nodelay, "1") != 0) /* normally done by kp_dicom_init() */
             setenv("TCP_NODELAY", "1", 1);
         dcmDisableGethostbyaddr.set(OFTrue); /* peer_host is the IP address: no DNS lookups */
+        /* C-MOVE destinations: connecting is bounded like association messages */
+        if (cfg.on_retrieve) dcmConnectionTimeout.set(cfg.acse_timeout);
         /* DCMTK only waits with a timeout for the start of a PDU; the rest is read blocking,
          * bounded by these socket timeouts (SO_RCVTIMEO/SO_SNDTIMEO, default 60 s) */
         if (cfg.dimse_timeout > 0) {

@@ -89,7 +89,7 @@ int kp_dicom_bulk(kp_dicom_file_t *f, const char *tagpath, int64_t *offset, int6
  * uri_prefix may be NULL (treated as ""). */
 char *kp_dicom_json(kp_dicom_file_t *f, const char *uri_prefix, size_t bulk_threshold);
 
-/* ---- Storage and Query SCP (C-ECHO, C-STORE, C-FIND) ---- */
+/* ---- Storage, Query and Retrieve SCP (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) ---- */
 
 typedef struct {
     const char *calling_ae, *called_ae, *peer_host; /* peer_host: IP address, no DNS lookup */
@@ -156,6 +156,61 @@ void kp_dicom_find_set_comment(kp_dicom_find_results_t *out, const char *text);
 typedef unsigned (*kp_dicom_find_fn)(void *user, const kp_dicom_find_req_t *req,
                                      kp_dicom_find_results_t *out);
 
+/* ---- Retrieve SCP (C-MOVE, C-GET) ---- */
+
+/* Retrieve SOP classes (the presentation context's), same model numbers as FIND. */
+#define KP_DICOM_MOVE 1 /* C-MOVE: Patient Root .2.1.2, Study Root .2.2.2 */
+#define KP_DICOM_GET  2 /* C-GET:  Patient Root .2.1.3, Study Root .2.2.3 */
+
+typedef struct {
+    const char *calling_ae, *called_ae, *peer_host;
+    int op;                          /* KP_DICOM_MOVE or KP_DICOM_GET */
+    int model;                       /* KP_DICOM_FIND_PATIENT_ROOT or KP_DICOM_FIND_STUDY_ROOT */
+    const char *level;               /* QueryRetrieveLevel as sent (trimmed); NULL when absent */
+    const char *move_destination;    /* C-MOVE: Move Destination AE title (trimmed); GET: NULL */
+    const kp_dicom_find_key_t *keys; /* every other top-level key of the identifier (UTF-8) */
+    size_t nkeys;
+} kp_dicom_retrieve_req_t;
+
+typedef struct kp_dicom_retrieve_plan kp_dicom_retrieve_plan_t; /* opaque, owned by the shim */
+
+/* Adds one instance to send: its SOP class ("" when unknown: its sub-operation then fails) and
+ * instance UIDs, the transfer syntax it is stored in ("" when unknown: it is then always
+ * transcoded), the absolute path of its Part 10 file and its Study Instance UID (for the audit
+ * summary). Strings are copied. 0, KP_EINVAL (NULL or empty instance UID or path, a UID longer
+ * than 64 characters) or KP_ENOMEM. */
+int kp_dicom_retrieve_add(kp_dicom_retrieve_plan_t *plan, const char *sop_class_uid,
+                          const char *sop_instance_uid, const char *transfer_syntax_uid,
+                          const char *path, const char *study_uid);
+/* C-MOVE: where the Move Destination listens (copied). Required for a C-MOVE that returns
+ * 0x0000. 0 or KP_EINVAL. */
+int kp_dicom_retrieve_set_destination(kp_dicom_retrieve_plan_t *plan, const char *host, int port);
+/* Error Comment (0000,0902) sent with a refusal (at most 64 characters are kept). */
+void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, const char *text);
+
+/* Called on an association thread for every C-MOVE and C-GET before any sub-operation: checks
+ * access, resolves the identifier into instances (kp_dicom_retrieve_add) and, for a C-MOVE, the
+ * destination. Returns 0x0000 to go ahead, or the status that refuses the request (0x0124 not
+ * authorized, 0xA801 move destination unknown, 0xA900 identifier does not match the SOP class,
+ * 0xA701 / 0xA700 out of resources, 0xC000 ...), sent as the only response. Called
+ * concurrently from several threads; req is borrowed for the call. */
+typedef unsigned (*kp_dicom_retrieve_fn)(void *user, const kp_dicom_retrieve_req_t *req,
+                                         kp_dicom_retrieve_plan_t *plan);
+
+/* What a C-MOVE / C-GET ended with, handed to kp_dicom_retrieve_done_fn. */
+typedef struct {
+    unsigned status; /* the final DIMSE status sent (or that would have been sent) */
+    unsigned completed, failed, warning, remaining; /* sub-operation counts */
+    const char *const *study_uids; /* distinct Study Instance UIDs of the plan, in order */
+    size_t nstudies;
+    const char *error; /* a short reason for a refusal or failure, "" when none */
+} kp_dicom_retrieve_result_t;
+
+/* Called once per C-MOVE / C-GET after the final response (also for refusals), on the
+ * association thread: for audit events. Borrowed arguments. May be NULL. */
+typedef void (*kp_dicom_retrieve_done_fn)(void *user, const kp_dicom_retrieve_req_t *req,
+                                          const kp_dicom_retrieve_result_t *res);
+
 typedef struct {
     const char *ae_title; /* our AE title, sent back in the A-ASSOCIATE-AC */
     int port;             /* 1..65535 */
@@ -167,6 +222,8 @@ typedef struct {
     kp_dicom_store_fn on_store;
     kp_dicom_assoc_fn on_assoc;
     kp_dicom_find_fn on_find; /* may be NULL: the C-FIND SOP classes are then not accepted */
+    kp_dicom_retrieve_fn on_retrieve; /* may be NULL: MOVE and GET SOP classes not accepted */
+    kp_dicom_retrieve_done_fn on_retrieve_done; /* may be NULL */
     void *user;
     volatile int *stop; /* run until *stop becomes non-zero */
 } kp_dicom_scp_config_t;
@@ -176,7 +233,14 @@ typedef struct {
  * uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, RLE, MPEG-2/4 and HEVC transfer syntaxes
  * (uncompressed preferred when the SCU offers a choice), and, when on_find is set, the Patient
  * Root and Study Root FIND SOP classes in uncompressed syntaxes (extended negotiation: combined
- * date-time matching accepted, relational queries refused). Data sets are received straight into
+ * date-time matching accepted, relational queries refused), and, when on_retrieve is set, the
+ * Patient Root and Study Root MOVE and GET SOP classes in uncompressed syntaxes; storage SOP
+ * classes proposed with the SCP role (for C-GET) are accepted with that role. C-MOVE
+ * sub-operations go over a new association from ae_title to the destination (proposing, per SOP
+ * class, the stored transfer syntax and Explicit / Implicit VR Little Endian), C-GET ones over
+ * the requesting association; an instance is transcoded (kp_image_transcode) when the accepted
+ * syntax differs from the stored one. One Pending response per sub-operation; C-CANCEL is
+ * checked between them. Data sets are received straight into
  * a file, bit for bit, never parsed in memory. A transfer that breaks off leaves no file and
  * no on_store call. Sets DCMTK's process-wide socket timeouts to dimse_timeout (when > 0) and
  * turns off its reverse DNS lookups.

@@ -1,13 +1,16 @@
 // A second, independent DICOMweb client: dcmjs's `dicomweb-client` (npm) under node, driven by
 // test_dicomweb_client.py. Usage: node dicomweb_client.js BASE_URL STUDY SERIES SOP [FILE...]
 // (the FILEs, Part 10 instances, are stored last with STOW-RS, all in one request)
+// The access token comes from $KP_TOKEN.
 // Prints one JSON object with what each call returned (sizes, counts, UIDs) on stdout.
 global.XMLHttpRequest = require('xhr2');
 const { api } = require('dicomweb-client');
 
 async function main() {
   const [base, study, series, sop, ...files] = process.argv.slice(2);
-  const client = new api.DICOMwebClient({ url: base + '/dicom-web' });
+  // the bearer token of an account, from the environment (the gateway requires one)
+  const headers = process.env.KP_TOKEN ? { Authorization: 'Bearer ' + process.env.KP_TOKEN } : {};
+  const client = new api.DICOMwebClient({ url: base + '/dicom-web', headers });
   const out = {};
   const studies = await client.searchForStudies({ queryParams: { PatientName: '*' } });
   out.studies = studies.map((s) => s['0020000D'].Value[0]);

@@ -114,7 +114,14 @@ class System:
                 "KP_HTTP_DB_POOL": "2",
                 # the viewer make fetched (the gateway runs in a temporary directory)
                 "KP_HTTP_OHIF_DIR": os.path.join(REPO, "build", "ohif", "dist"),
+                "KP_HTTP_WWW_DIR": os.path.join(REPO, "gateway", "www"),
+                "KP_AUTH_COMMON_PASSWORDS": os.path.join(REPO, "config", "common-passwords.txt"),
+                # cheap hashes keep the tests fast (test_auth checks the defaults separately)
+                "KP_AUTH_ARGON2_M_KIB": "4096",
+                "KP_AUTH_ARGON2_T": "1",
+                "KP_AUTH_ACCESS_TTL": "3600",
             })
+        self.token = None  # the test administrator's access token (login_admin)
         self.env.update(extra_env or {})
         self.procs = {}
         self.logs = {}
@@ -144,19 +151,60 @@ class System:
         if self.gateway:
             self.start_gateway()
 
+    ADMIN, ADMIN_PASSWORD = "kpadmin", "Kl1nika-test-admin-pw"
+
     def start_gateway(self):
         self.start("pacs-gateway")
         wait_for(lambda: self.https_ok(), 30, "pacs-gateway to answer HTTPS")
+        if self.token is None and self.env.get("KP_HTTP_DEV_ALLOW_ALL") != "true":
+            self.login_admin()
+
+    def add_user(self, name, password, *roles, sites=(), temporary=False):
+        env = dict(self.env, KP_TEST_PW=password)
+        args = ["user", "add", name, "--password-env", "KP_TEST_PW"]
+        for r in roles:
+            args += ["--role", r]
+        for s in sites:
+            args += ["--site", s]
+        if temporary:
+            args.append("--temporary")
+        r = subprocess.run([os.path.join(BIN, "pacsctl"), *args], env=env, cwd=self.dir,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    def login(self, user, password, **extra):
+        """POST /api/auth/login; returns (status, json)."""
+        import json
+        body = dict(username=user, password=password, **extra)
+        st, h, b = self.https("POST", "/api/auth/login", {"Content-Type": "application/json"},
+                              json.dumps(body), auth=False)
+        return st, json.loads(b or b"{}")
+
+    def login_admin(self):
+        """Creates the test administrator (once per database) and keeps its access token, which
+        https() then sends with every request unless told otherwise (auth=False)."""
+        if not self.sql("SELECT 1 FROM users WHERE username = %s", (self.ADMIN,)):
+            self.add_user(self.ADMIN, self.ADMIN_PASSWORD, "admin")
+        st, j = self.login(self.ADMIN, self.ADMIN_PASSWORD)
+        assert st == 200, j
+        self.token = j["access_token"]
 
     def https_ok(self):
         try:
-            return self.https("GET", "/dicom-web/studies?limit=1")[0] == 200
+            return self.https("GET", "/dicom-web/studies?limit=1")[0] in (200, 401)
         except OSError:
             return False
 
-    def https(self, method, path, headers=None, body=None, timeout=30, port=None, tls=True):
+    def https(self, method, path, headers=None, body=None, timeout=30, port=None, tls=True,
+              auth=True):
         """One request on a fresh connection; returns (status, headers, raw body bytes).
-        The certificate is self-signed, so it is not verified; bodies are not decompressed."""
+        The certificate is self-signed, so it is not verified; bodies are not decompressed.
+        The test administrator's bearer token is added unless auth=False or the headers carry
+        an Authorization or Cookie header already."""
+        headers = dict(headers or {})
+        if (auth and self.token and "Authorization" not in headers
+                and "Cookie" not in headers):
+            headers["Authorization"] = "Bearer " + self.token
         if tls:
             conn = http.client.HTTPSConnection("127.0.0.1", port or self.https_port,
                                                timeout=timeout,
@@ -165,7 +213,7 @@ class System:
             conn = http.client.HTTPConnection("127.0.0.1", port or self.http_port,
                                               timeout=timeout)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
             return r.status, r.headers, r.read()
         finally:

@@ -69,9 +69,19 @@ async function canvasStats(page) {
   });
   page.on('pageerror', e => out.console.push('pageerror: ' + String(e).slice(0, 300)));
   try {
+    // 0. without a session the viewer sends the browser to the sign-in page, which brings it
+    //    back after login (the session then lives in HttpOnly cookies)
+    await page.goto(spec.base + '/', { waitUntil: 'domcontentloaded', timeout: PAGE_TIMEOUT });
+    out.login = { redirected: page.url().includes('/app/login') };
+    await page.fill('#username', spec.user);
+    await page.fill('#password', spec.password);
+    await Promise.all([
+      page.waitForURL(u => !String(u).includes('/app/login'), { timeout: PAGE_TIMEOUT }),
+      page.click('#submit'),
+    ]);
+    out.login.back = page.url();
     // 1. the study list shows every patient
     const t0 = Date.now();
-    await page.goto(spec.base + '/', { waitUntil: 'domcontentloaded', timeout: PAGE_TIMEOUT });
     // The worklist shows names ("Family, Given") but, at this width, no MRN column: count the
     // rows per family name (two CompressedSamples patients) and wait for all of them.
     const want = {};

@@ -41,7 +41,8 @@ def test_dicomweb_client_search_and_retrieve(cluster, client_dir):
         s.wait_jobs_settled()
         ds = pydicom.dcmread(f)
         env = dict(os.environ, NODE_PATH=os.path.join(client_dir, "node_modules"),
-                   NODE_TLS_REJECT_UNAUTHORIZED="0")  # the gateway's self-signed certificate
+                   NODE_TLS_REJECT_UNAUTHORIZED="0",  # the gateway's self-signed certificate
+                   KP_TOKEN=s.token)
         stow_dir = tempfile.mkdtemp(dir=s.dir)
         stow_files = STOWED.write(stow_dir)
         r = subprocess.run(["node", os.path.join(os.path.dirname(__file__), "dicomweb_client.js"),

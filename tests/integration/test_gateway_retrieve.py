@@ -564,7 +564,7 @@ def test_head_matches_get(gw):
         assert body2 == b""
     # on the wire: headers only, nothing after them
     req = (f"HEAD {url(ct)} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {DICOM_ACCEPT}\r\n"
-           f"Connection: close\r\n\r\n").encode()
+           f"Authorization: Bearer {gw.token}\r\nConnection: close\r\n\r\n").encode()
     raw = raw_exchange(gw.https_port, req)
     head, sep, rest = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and sep and rest == b"", raw[-200:]

@@ -94,7 +94,7 @@ def test_ohif_shows_every_study(gw, tmp_path):
     os.makedirs(SHOTS, exist_ok=True)
     spec = {"base": f"https://127.0.0.1:{gw.https_port}", "playwright": PLAYWRIGHT,
             "chromium": CHROMIUM, "userDataDir": tempfile.mkdtemp(prefix="kp-chromium-"),
-            "shots": SHOTS, "studies": studies}
+            "shots": SHOTS, "studies": studies, "user": gw.ADMIN, "password": gw.ADMIN_PASSWORD}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     try:
@@ -106,6 +106,9 @@ def test_ohif_shows_every_study(gw, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(json.dumps(out, indent=1))
     assert not out.get("error"), out
+    # the viewer without a session went to the sign-in page, and came back after login
+    assert out["login"]["redirected"] and out["login"]["back"].rstrip("/").endswith(
+        str(gw.https_port)), out["login"]
     failed = out["failed"]
     if failed:
         print("requests that failed:")

@@ -44,6 +44,11 @@ static void s_usage(void)
             "  ae list | add AE --host H --port P [--description D] [--site S] [--no-store]\n"
             "     [--no-find] [--no-retrieve] [--tls] | remove AE | echo AE\n"
             "                           the modality registry; echo sends a C-ECHO to the AE\n"
+            "  user list | add NAME --role R [--role R2] [--site S] [--display-name D] [--email E]\n"
+            "     [--language L] [--password-file F | --password-env VAR] [--temporary]\n"
+            "     [--if-missing] | passwd NAME [...] | disable|enable|unlock|reset-mfa|\n"
+            "     sessions-revoke NAME    accounts; without a password option one is generated,\n"
+            "                           printed once, and must be changed at first login\n"
             "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
             "  config-get SECTION.KEY   print one setting's effective value\n"
             "  config-example           print the documented example configuration\n");
@@ -263,6 +268,7 @@ static int s_reindex(const kp_config_t *cfg, int argc, char **argv)
     int rc = 1;
     if (kp_dicom_init()) return 1;
     ri.db = pacsctl_db(cfg, true);
+    kp_index_set_site_map(cfg->sites_map);
     ri.st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
     if (!ri.db || !ri.st) goto done;
     if (wipe &&
@@ -372,6 +378,8 @@ int main(int argc, char **argv)
         rc = s_jobs(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "ae"))
         rc = pacsctl_ae(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "user"))
+        rc = pacsctl_user(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "bus") && n == 3 && !strcmp(args[1], "keygen")) {
         char pub[KP_CURVE_KEY_LEN + 1];
         rc = kp_curve_keygen(args[2], pub) ? 1 : 0;

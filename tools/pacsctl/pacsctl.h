@@ -13,4 +13,7 @@ kp_db_t *pacsctl_db(const kp_config_t *cfg, bool check);
 /* `pacsctl ae ...`: the modality registry. Returns the exit status. */
 int pacsctl_ae(const kp_config_t *cfg, int argc, char **argv);
 
+/* `pacsctl user ...`: accounts. Returns the exit status. */
+int pacsctl_user(const kp_config_t *cfg, int argc, char **argv);
+
 #endif

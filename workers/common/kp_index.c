@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 enum {
     T_SPECIFIC_CHARSET = 0x00080005,
@@ -247,6 +248,74 @@ static int s_upsert_patient(kp_db_t *db, s_parsed_t *p, char patient_pk[24])
         6, pat, patient_pk);
 }
 
+/* ---- site rules ---------------------------------------------------------------------------- */
+#define S_MAX_SITE_RULES 64
+static struct {
+    int kind; /* 1 calling_ae, 2 institution */
+    char value[128];
+    char site[64];
+} s_site_rules[S_MAX_SITE_RULES];
+static int s_nsite_rules;
+
+void kp_index_set_site_map(const char *map)
+{
+    s_nsite_rules = 0;
+    if (!map) return;
+    const char *p = map;
+    while (*p && s_nsite_rules < S_MAX_SITE_RULES) {
+        while (*p == ' ' || *p == ';') p++;
+        if (!*p) break;
+        size_t len = strcspn(p, ";");
+        char rule[256];
+        snprintf(rule, sizeof rule, "%.*s", (int)(len < 255 ? len : 255), p);
+        p += len;
+        char *colon = strchr(rule, ':'), *eq = strrchr(rule, '=');
+        int kind = 0;
+        if (colon && eq && eq > colon) {
+            *colon = 0;
+            *eq = 0;
+            char *k = rule;
+            while (*k == ' ') k++;
+            size_t kl = strlen(k);
+            while (kl && k[kl - 1] == ' ') k[--kl] = 0;
+            kind = !strcmp(k, "calling_ae") ? 1 : !strcmp(k, "institution") ? 2 : 0;
+        }
+        char *val = colon ? colon + 1 : NULL, *site = eq ? eq + 1 : NULL;
+        while (val && *val == ' ') val++;
+        while (site && *site == ' ') site++;
+        if (val) {
+            size_t vl = strlen(val);
+            while (vl && val[vl - 1] == ' ') val[--vl] = 0;
+        }
+        if (site) {
+            size_t sl = strlen(site);
+            while (sl && site[sl - 1] == ' ') site[--sl] = 0;
+        }
+        if (!kind || !val || !*val || !site || !*site) {
+            kp_warn("index", "sites.map: rule '%.*s' ignored (calling_ae:AE=SITE or "
+                             "institution:NAME=SITE)",
+                    (int)(len < 200 ? len : 200), p - len);
+            continue;
+        }
+        s_site_rules[s_nsite_rules].kind = kind;
+        snprintf(s_site_rules[s_nsite_rules].value, sizeof s_site_rules[0].value, "%s", val);
+        snprintf(s_site_rules[s_nsite_rules].site, sizeof s_site_rules[0].site, "%s", site);
+        s_nsite_rules++;
+    }
+}
+
+const char *kp_index_site_for(const char *calling_ae, const char *institution)
+{
+    for (int i = 0; i < s_nsite_rules; i++) {
+        if (s_site_rules[i].kind == 1 && calling_ae && !strcmp(calling_ae, s_site_rules[i].value))
+            return s_site_rules[i].site;
+        if (s_site_rules[i].kind == 2 && institution &&
+            !strcasecmp(institution, s_site_rules[i].value))
+            return s_site_rules[i].site;
+    }
+    return NULL;
+}
+
 static int s_upsert_study(kp_db_t *db, s_parsed_t *p, const char *patient_pk, char study_pk[24],
                           s_set_t *old_patients)
 {
@@ -266,15 +335,20 @@ static int s_upsert_study(kp_db_t *db, s_parsed_t *p, const char *patient_pk, ch
                          kp_dicom_get(f, T_SEX),
                          kp_dicom_get(f, T_TZ_OFFSET),
                          kp_dicom_get(f, T_SPECIFIC_CHARSET),
-                         p->attrs_from};
+                         p->attrs_from,
+                         kp_index_site_for(p->item->calling_ae,
+                                           kp_dicom_get(f, 0x00080080 /* InstitutionName */))};
+    /* The site is decided by the study's first instance and never changed by later ones. */
     return s_upsert_child(
         db,
         "WITH old AS (SELECT patient_pk FROM studies WHERE study_uid = $2) "
         "INSERT INTO studies (patient_pk, study_uid, study_date, study_time, accession_number, "
         "study_id, study_description, referring_physician, patient_name, patient_name_fold, "
         "patient_id, issuer_of_patient_id, patient_birth_date, patient_sex, timezone_offset, "
-        "specific_charset, attrs_from) VALUES ($1::bigint, $2, $3, $4, $5, $6, $7, $8, $9, "
-        "kp_fold($9), $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (study_uid) DO UPDATE "
+        "specific_charset, attrs_from, site_id) VALUES ($1::bigint, $2, $3, $4, $5, $6, $7, $8, "
+        "$9, kp_fold($9), $10, $11, $12, $13, $14, $15, $16, coalesce((SELECT id FROM sites "
+        "WHERE name = $17), (SELECT id FROM sites WHERE name = 'default'))) ON CONFLICT "
+        "(study_uid) DO UPDATE "
         "SET " NEWER(
             "studies", "patient_pk") ", " NEWER("studies", "study_date") ", " NEWER("studies",
                                                                                     "study_time") ", " NEWER("studies", "accession_number") ", " NEWER("studies", "study_id") ", " NEWER("studies", "study_description") ", " NEWER("studies", "referring_physician") ", " NEWER("studies", "patient_name") ", " NEWER("studies",
@@ -283,7 +357,7 @@ static int s_upsert_study(kp_db_t *db, s_parsed_t *p, const char *patient_pk, ch
                                                                                                                                                                                                                                                                                                                                                                                 "issuer_of_patient_id") ", " NEWER("studies", "patient_birth_date") ", " NEWER("studies",
                                                                                                                                                                                                                                                                                                                                                                                                                                                                "patient_sex") ", " NEWER("studies", "timezone_offset") ", " NEWER("studies",
                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                   "specific_charset") ", " NEWEST("studies") " RETURNING pk, (SELECT patient_pk FROM old)",
-        16, stu, patient_pk, study_pk, old_patients);
+        17, stu, patient_pk, study_pk, old_patients);
 }
 
 static int s_upsert_series(kp_db_t *db, s_parsed_t *p, const char *study_pk, char series_pk[24],

@@ -40,6 +40,14 @@ typedef void (*kp_index_tick_fn)(void *user);
 int kp_index_batch(kp_db_t *db, kp_storage_t *st, kp_index_item_t *items, size_t n,
                    kp_index_tick_fn tick, void *tick_user);
 
+/* The site rules (config sites.map, see lib/kp_config.def) used for studies indexed from now
+ * on; NULL or "" for none. Call before indexing (not thread-safe with kp_index_batch). A
+ * malformed rule is logged and skipped. */
+void kp_index_set_site_map(const char *map);
+/* The site name the rules give for a study first seen with this calling AE and institution
+ * name (either may be NULL), or NULL for the default site. For tests. */
+const char *kp_index_site_for(const char *calling_ae, const char *institution);
+
 /* Bulk-data threshold: binary values longer than this go into the metadata as BulkDataURI. */
 #define KP_INDEX_BULK_THRESHOLD 1024
 

@@ -90,6 +90,7 @@ int main(int argc, char **argv)
     if (!msgs || !items) abort();
 
     if (kp_dicom_init()) goto done;
+    kp_index_set_site_map(cfg->sites_map);
     st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
     if (!st) goto done;
     int err = 0;

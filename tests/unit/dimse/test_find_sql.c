@@ -1,4 +1,5 @@
-/* Unit tests of kp_find_sql: C-FIND identifiers -> SQL text and parameters (no database).
+/* Unit tests of kp_find_sql: C-FIND and C-MOVE / C-GET identifiers -> SQL text and parameters
+ * (no database).
  * The module belongs to pacs-dicomd, not libkp: the Makefile links its object into this test. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -262,6 +263,91 @@ static void test_too_many_values(void **state)
     free(v);
 }
 
+/* ---- C-MOVE / C-GET (kp_find_sql_retrieve) ---------------------------------------------- */
+
+static int s_retrieve(int model, const char *level, const kp_dicom_find_key_t *keys, size_t n,
+                      kp_find_sql_t *q)
+{
+    kp_dicom_retrieve_req_t req = {.calling_ae = "T",
+                                   .op = KP_DICOM_MOVE,
+                                   .model = model,
+                                   .level = level,
+                                   .move_destination = "D",
+                                   .keys = keys,
+                                   .nkeys = n};
+    char err[160];
+    return kp_find_sql_retrieve(&req, 65535, q, err, sizeof err);
+}
+
+static void test_retrieve_levels(void **state)
+{
+    (void)state;
+    kp_find_sql_t q;
+    /* Study Root, STUDY level, a list of studies; other keys are ignored */
+    kp_dicom_find_key_t k1[] = {K(0x0020000D, "UI", "1.2.3\\1.2.4"),
+                                K(0x00100010, "PN", "IGNORED*")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "STUDY", k1, 2, &q), 0);
+    s_contains(q.sql, "st.study_uid = ANY(string_to_array($1, '\\'))");
+    s_lacks(q.sql, "patient_name");
+    s_contains(q.sql, "LIMIT $2::bigint");
+    assert_int_equal(q.nparams, 2);
+    assert_string_equal(q.params[0], "1.2.3\\1.2.4");
+    assert_string_equal(q.params[1], "65536");
+    assert_int_equal(q.ncols, 5);
+    assert_string_equal(q.level, "STUDY");
+    kp_find_sql_clear(&q);
+
+    /* Patient Root, PATIENT level */
+    kp_dicom_find_key_t k2[] = {K(0x00100020, "LO", "PID-1")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_PATIENT_ROOT, "PATIENT", k2, 1, &q), 0);
+    s_contains(q.sql, "st.patient_id = $1");
+    kp_find_sql_clear(&q);
+
+    /* Patient Root, IMAGE level: every level's unique key, a list of SOP instances */
+    kp_dicom_find_key_t k3[] = {K(0x00080018, "UI", "1.9.1\\1.9.2"), K(0x00100020, "LO", "P"),
+                                K(0x0020000D, "UI", "1.2"), K(0x0020000E, "UI", "1.2.1")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_PATIENT_ROOT, "IMAGE", k3, 4, &q), 0);
+    s_contains(q.sql, "st.patient_id = $1");
+    s_contains(q.sql, "st.study_uid = $2");
+    s_contains(q.sql, "se.series_uid = $3");
+    s_contains(q.sql, "i.sop_uid = ANY(string_to_array($4, '\\'))");
+    s_contains(q.sql, "ORDER BY st.pk, se.pk, i.instance_number");
+    kp_find_sql_clear(&q);
+
+    /* values travel as parameters only */
+    kp_dicom_find_key_t k4[] = {K(0x0020000D, "UI", "1'; DROP TABLE instances; --")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "STUDY", k4, 1, &q), 0);
+    s_lacks(q.sql, "DROP");
+    kp_find_sql_clear(&q);
+}
+
+static void test_retrieve_errors(void **state)
+{
+    (void)state;
+    kp_find_sql_t q;
+    kp_dicom_find_key_t study[] = {K(0x0020000D, "UI", "1.2.3")};
+    /* level missing, or PATIENT in Study Root */
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, NULL, study, 1, &q), KP_EMISMATCH);
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "PATIENT", study, 1, &q), KP_EMISMATCH);
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "FOO", study, 1, &q), KP_EMISMATCH);
+    /* unique key of the retrieve level missing */
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "SERIES", study, 1, &q), KP_EMISMATCH);
+    /* Patient Root without PatientID */
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_PATIENT_ROOT, "STUDY", study, 1, &q), KP_EMISMATCH);
+    /* empty, wildcard, a list above the retrieve level, an empty list element */
+    kp_dicom_find_key_t e1[] = {K(0x0020000D, "UI", "")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "STUDY", e1, 1, &q), KP_EMISMATCH);
+    kp_dicom_find_key_t e2[] = {K(0x0020000D, "UI", "1.2.*")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "STUDY", e2, 1, &q), KP_EMISMATCH);
+    kp_dicom_find_key_t e3[] = {K(0x0020000D, "UI", "1.2\\1.3"), K(0x0020000E, "UI", "1.2.1")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "SERIES", e3, 2, &q), KP_EMISMATCH);
+    kp_dicom_find_key_t e4[] = {K(0x0020000D, "UI", "1.2\\\\1.3")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_STUDY_ROOT, "STUDY", e4, 1, &q), KP_EMISMATCH);
+    kp_dicom_find_key_t e5[] = {K(0x00100020, "LO", "A\\B")};
+    assert_int_equal(s_retrieve(KP_DICOM_FIND_PATIENT_ROOT, "PATIENT", e5, 1, &q), KP_EMISMATCH);
+    assert_null(q.sql);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -275,6 +361,8 @@ int main(void)
         cmocka_unit_test(test_image_metadata_keys),
         cmocka_unit_test(test_hierarchy_errors),
         cmocka_unit_test(test_too_many_values),
+        cmocka_unit_test(test_retrieve_levels),
+        cmocka_unit_test(test_retrieve_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
