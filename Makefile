@@ -37,6 +37,7 @@ LIBKP     := $(BUILD)/libkp.a
 
 # binary name : source directory
 PROGRAMS  := pacs-busd:bus/busd pacs-dicomd:gateway/dimse pacs-indexer:workers/indexer \
+             pacs-auditor:workers/auditor \
              pacsctl:tools/pacsctl pacs-gateway:gateway/http
 prog_name = $(word 1,$(subst :, ,$1))
 prog_dir  = $(word 2,$(subst :, ,$1))
@@ -77,8 +78,9 @@ $(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
 $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
-UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_www.o)
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o)
 UNIT_EXTRA_test_mdcache := $(BUILD)/obj/gateway/http/kp_mdcache.o
+UNIT_EXTRA_test_ratelimit := $(BUILD)/obj/gateway/http/kp_ratelimit.o
 UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o
 UNIT_EXTRA_test_multipart := $(BUILD)/obj/gateway/http/kp_multipart.o
 UNIT_EXTRA_test_find_sql := $(BUILD)/obj/gateway/dimse/kp_find_sql.o

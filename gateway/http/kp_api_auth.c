@@ -11,6 +11,7 @@
  * stolen token was replayed). The responses never say whether a user name exists. */
 #include "kp_api.h"
 
+#include "kp_audit.h"
 #include "kp_auth.h"
 #include "kp_errors.h"
 #include "kp_jwt.h"
@@ -27,24 +28,26 @@
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
+/* Records an audit event (lib/kp_audit.h) on this worker's connection: committed at once, or
+ * with the open transaction; published on the gateway's shared audit bus, else by the sweep. A
+ * failure is logged by kp_audit_emit and does not change the answer. detail: {key: value}
+ * when key and value are given. */
+static void s_audit(kp_http_env_t *env, const kp_http_req_t *req, const char *actor,
+                    const char *action, bool ok, const char *key, const char *value)
+{
+    json_t *d = key && value ? json_pack("{s:s}", key, value) : NULL;
+    kp_audit_event_t ev = {.action = action,
+                           .outcome = ok ? "success" : "failure",
+                           .actor = actor,
+                           .client = req->peer,
+                           .detail = d};
+    kp_audit_emit(env->db, NULL, &ev);
+    json_decref(d);
+}
+
 static json_t *s_body_json(const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    /* JSON only: an HTML form on another site can post text/plain or form data without a CORS
-     * preflight, but not application/json. */
-    const char *ct = req->content_type;
-    if (!ct || strncasecmp(ct, "application/json", 16) || (ct[16] && ct[16] != ';' && ct[16] != ' ')) {
-        kp_http_error(resp, KP_EUNSUPPORTED, 0, "send the request body as application/json",
-                      NULL);
-        return NULL;
-    }
-    json_error_t je;
-    json_t *j = req->body ? json_loadb(req->body, req->body_len, 0, &je) : NULL;
-    if (!j || !json_is_object(j)) {
-        json_decref(j);
-        kp_http_error(resp, KP_EINVAL, 0, "the request body must be a JSON object", NULL);
-        return NULL;
-    }
-    return j;
+    return kp_http_json_body(req, resp);
 }
 
 static const char *s_str(json_t *o, const char *k)
@@ -55,12 +58,7 @@ static const char *s_str(json_t *o, const char *k)
 
 static void s_json_resp(kp_http_resp_t *resp, int status, json_t *j)
 {
-    resp->body = json_dumps(j, JSON_COMPACT);
-    json_decref(j);
-    if (!resp->body) abort();
-    resp->len = strlen(resp->body);
-    resp->status = status;
-    resp->content_type = "application/json";
+    kp_http_json_resp(resp, status, j);
 }
 
 static void s_cookie(kp_http_resp_t *resp, const char *name, const char *value, long max_age,
@@ -258,6 +256,7 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
         PQclear(r);
         kp_password_verify(env->cfg, NULL, password, NULL); /* same time as a real check */
         kp_info("auth", "login refused for unknown user %.64s from %s", username, req->peer);
+        s_audit(env, req, username, "auth.login_failed", false, "reason", "unknown user");
         json_decref(body);
         kp_http_error(resp, KP_EUNAUTH, 0, bad, NULL);
         return 0;
@@ -280,17 +279,20 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
                  "account locked after repeated failed logins; try again in %d minute%s",
                  locked_min, locked_min == 1 ? "" : "s");
         kp_info("auth", "login refused for %s from %s: locked", u.username, req->peer);
+        s_audit(env, req, u.username, "auth.login_failed", false, "reason", "locked");
         kp_http_error(resp, KP_ELOCKED, 0, msg, NULL);
         goto out;
     }
     rc = kp_password_verify(env->cfg, stored, password, &rehash);
     if (rc) {
         kp_info("auth", "login refused for %s from %s: wrong password", u.username, req->peer);
+        s_audit(env, req, u.username, "auth.login_failed", false, "reason", "wrong password");
         rc = s_fail_login(env, u.id, resp, KP_EUNAUTH, bad);
         goto out;
     }
     if (disabled) {
         kp_info("auth", "login refused for %s from %s: disabled", u.username, req->peer);
+        s_audit(env, req, u.username, "auth.login_failed", false, "reason", "disabled");
         kp_http_error(resp, KP_EUNAUTH, 0, "this account is disabled", NULL);
         goto out;
     }
@@ -313,6 +315,8 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
             if (tr) {
                 kp_info("auth", "login refused for %s from %s: %s", u.username, req->peer,
                         tr == KP_ECONFLICT ? "replayed code" : "wrong code");
+                s_audit(env, req, u.username, "auth.login_failed", false, "reason",
+                        tr == KP_ECONFLICT ? "replay" : "wrong code");
                 rc = s_fail_login(env, u.id, resp, KP_EMFA,
                                   tr == KP_ECONFLICT ? "this code was already used; wait for the "
                                                        "next one"
@@ -347,6 +351,8 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
             if (!used) {
                 kp_info("auth", "login refused for %s from %s: wrong recovery code", u.username,
                         req->peer);
+                s_audit(env, req, u.username, "auth.login_failed", false, "reason",
+                        "wrong recovery code");
                 rc = s_fail_login(env, u.id, resp, KP_EMFA, "wrong or already used recovery code");
                 goto out;
             }
@@ -370,6 +376,11 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
     rc = s_new_session(env, req, u.id, &sid, &refresh);
     if (!rc) rc = s_answer_tokens(env, resp, &u, sid, refresh, s_wants_cookies(body, req));
     if (!rc) kp_info("auth", "%s logged in from %s (session %.8s...)", u.username, req->peer, sid);
+    if (!rc) {
+        char sess[12];
+        snprintf(sess, sizeof sess, "%.8s", sid);
+        s_audit(env, req, u.username, "auth.login", true, "session", sess);
+    }
     free(sid);
     free(refresh);
 out:
@@ -441,6 +452,11 @@ int kp_api_refresh(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t 
                         "UPDATE sessions SET revoked_at = coalesce(revoked_at, now()), "
                         "revoked_why = coalesce(revoked_why, 'refresh token reused') WHERE id = $1",
                         1, q);
+        if (!rc) { /* in the transaction: recorded if and only if the revocation commits */
+            char sess[12];
+            snprintf(sess, sizeof sess, "%.8s", sid);
+            s_audit(env, req, u.username, "auth.refresh_reuse", false, "session", sess);
+        }
         if (rc || (rc = kp_db_commit(env->db))) goto fail;
         kp_auth_session_dead(env->auth, sid);
         kp_warn("auth", "refresh token reuse for %s from %s: session %.8s... revoked", u.username,
@@ -497,6 +513,11 @@ int kp_api_logout(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
     if (rc) return rc;
     kp_auth_session_dead(env->auth, req->id.sid);
     kp_info("auth", "%s logged out (session %.8s...)", req->id.user, req->id.sid);
+    {
+        char sess[12];
+        snprintf(sess, sizeof sess, "%.8s", req->id.sid);
+        s_audit(env, req, req->id.user, "auth.logout", true, "session", sess);
+    }
     s_clear_cookies(resp);
     resp->status = 204;
     return 0;
@@ -567,6 +588,8 @@ int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
     int vr = kp_password_verify(env->cfg, PQgetvalue(r, 0, 1), cur, NULL);
     PQclear(r);
     if (vr) {
+        s_audit(env, req, req->id.user, "auth.password", false, "reason",
+                "wrong current password");
         rc = s_fail_login(env, id, resp, KP_EUNAUTH, "the current password is wrong");
         goto out;
     }
@@ -596,6 +619,7 @@ int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
     free(hash);
     if (rc) goto out;
     kp_info("auth", "%s changed the password", req->id.user);
+    s_audit(env, req, req->id.user, "auth.password", true, NULL, NULL);
     s_json_resp(resp, 200,
                 json_pack("{s:b, s:s}", "ok", 1, "next",
                           "POST /api/auth/refresh for a token with your roles"));
@@ -697,6 +721,7 @@ int kp_api_mfa_confirm(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
                  : kp_totp_verify(secret, slen, code, time(NULL), 0, &step);
     memset(secret, 0, sizeof secret);
     if (vr) {
+        s_audit(env, req, req->id.user, "auth.mfa", false, "change", "enrol: wrong code");
         kp_http_error(resp, KP_EINVAL, 0, "wrong code: check the time of the device", NULL);
         goto out;
     }
@@ -722,6 +747,7 @@ int kp_api_mfa_confirm(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     for (int i = 0; i < KP_TOTP_RECOVERY_COUNT; i++) json_array_append_new(list, json_string(codes[i]));
     memset(codes, 0, sizeof codes);
     kp_info("auth", "%s enrolled a second factor", req->id.user);
+    s_audit(env, req, req->id.user, "auth.mfa", true, "change", "enrolled");
     s_json_resp(resp, 200,
                 json_pack("{s:b, s:o, s:s}", "enrolled", 1, "recovery_codes", list, "note",
                           "store the recovery codes somewhere safe: each works once, they are "
@@ -749,6 +775,7 @@ int kp_api_mfa_disable(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     if (PQntuples(r) != 1 || !pw ||
         kp_password_verify(env->cfg, PQgetvalue(r, 0, 1), pw, NULL) != 0) {
         PQclear(r);
+        s_audit(env, req, req->id.user, "auth.mfa", false, "change", "disable: wrong password");
         kp_http_error(resp, KP_EUNAUTH, 0, "confirm with your current password", NULL);
         goto out;
     }
@@ -769,6 +796,7 @@ int kp_api_mfa_disable(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     if (r) PQclear(r);
     if (rc) goto out;
     kp_info("auth", "%s removed the second factor", req->id.user);
+    s_audit(env, req, req->id.user, "auth.mfa", true, "change", "disabled");
     resp->status = 204;
 out:
     json_decref(body);

@@ -6,6 +6,7 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 static void s_segs_free(kp_http_resp_t *resp)
@@ -123,4 +124,32 @@ void kp_http_req_clear(kp_http_req_t *req)
     free(req->user_agent);
     free(req->cookie);
     memset(req, 0, sizeof *req);
+}
+
+json_t *kp_http_json_body(const kp_http_req_t *req, kp_http_resp_t *resp)
+{
+    const char *ct = req->content_type;
+    if (!ct || strncasecmp(ct, "application/json", 16) ||
+        (ct[16] && ct[16] != ';' && ct[16] != ' ')) {
+        kp_http_error(resp, KP_EUNSUPPORTED, 0, "send the request body as application/json", NULL);
+        return NULL;
+    }
+    json_error_t je;
+    json_t *j = req->body ? json_loadb(req->body, req->body_len, 0, &je) : NULL;
+    if (!j || !json_is_object(j)) {
+        json_decref(j);
+        kp_http_error(resp, KP_EINVAL, 0, "the request body must be a JSON object", NULL);
+        return NULL;
+    }
+    return j;
+}
+
+void kp_http_json_resp(kp_http_resp_t *resp, int status, json_t *j)
+{
+    resp->body = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    if (!resp->body) abort();
+    resp->len = strlen(resp->body);
+    resp->status = status;
+    resp->content_type = "application/json";
 }

@@ -110,6 +110,13 @@ void kp_http_seg_file(kp_http_resp_t *resp, const char *path, int64_t off, int64
 void kp_http_seg_tempfile(kp_http_resp_t *resp, const char *path, int64_t size);
 /* Total length of the body (segments or body). */
 int64_t kp_http_resp_length(const kp_http_resp_t *resp);
+/* The request body as a JSON object (the caller json_decref()s it), or NULL with resp set: 415
+ * unless Content-Type is application/json (a form on another site cannot send that without a
+ * CORS preflight), 400 when it is not a JSON object. */
+struct json_t;
+struct json_t *kp_http_json_body(const kp_http_req_t *req, kp_http_resp_t *resp);
+/* Makes resp a JSON answer with status from j (taken over: freed here). */
+void kp_http_json_resp(kp_http_resp_t *resp, int status, struct json_t *j);
 /* Frees what resp owns (body, warning, segments) and clears it. */
 void kp_http_resp_clear(kp_http_resp_t *resp);
 /* Frees what req owns and clears it. */

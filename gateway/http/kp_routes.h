@@ -2,7 +2,9 @@
  *
  * Patterns are literal segments and {name} placeholders; every placeholder is a DICOM UID and is
  * validated here (digits and dots, at most 64 characters), so handlers never see a bad one —
- * except {frames}, a comma-separated list of frame numbers (digits and commas only). */
+ * except {frames}, a comma-separated list of frame numbers (digits and commas only), and {name}, a
+ * user, role or site name (a letter or digit, then letters, digits and _ . @ -; at most 64): a
+ * segment that is not a valid name does not match at all (404), so ".." never reaches a handler. */
 #ifndef KP_ROUTES_H
 #define KP_ROUTES_H
 

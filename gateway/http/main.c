@@ -14,10 +14,12 @@
 #include "kp_http.h"
 #include "kp_ingest.h"
 #include "kp_api.h"
+#include "kp_audit.h"
 #include "kp_auth.h"
 #include "kp_bus.h"
 #include "kp_log.h"
 #include "kp_mdcache.h"
+#include "kp_ratelimit.h"
 #include "kp_routes.h"
 #include "kp_static.h"
 #include "kp_storage.h"
@@ -40,6 +42,7 @@
 #include <unistd.h>
 
 #include <h2o.h>
+#include <jansson.h>
 #include <h2o/http2.h>
 
 /* ---- types --------------------------------------------------------------------------------- */
@@ -90,6 +93,7 @@ static struct {
     kp_ingest_t *ing;  /* the durable store path shared with pacs-dicomd (STOW-RS) */
     kp_mdcache_t *mdcache; /* WADO-RS metadata responses (NULL when disabled) */
     kp_auth_t *auth;       /* tokens, permissions, sessions */
+    kp_ratelimit_t *rl_login, *rl_api; /* token buckets: login attempts, the REST API */
     pthread_t reloader;    /* reloads the role -> permission snapshot */
     bool reloader_started;
     pthread_t events;      /* study.changed subscriber: invalidates the metadata cache */
@@ -193,6 +197,9 @@ static void s_log_safe(char *out, size_t outlen, const char *s, size_t len)
     out[k] = 0;
 }
 
+/* The user of the response being sent on this loop thread (set around s_respond), for the log. */
+static __thread const char *s_log_user;
+
 static void s_access_log(h2o_req_t *req, int status, size_t bytes)
 {
     if (KP_LOG_INFO < kp_log_threshold) return;
@@ -203,7 +210,8 @@ static void s_access_log(h2o_req_t *req, int status, size_t bytes)
     char method[16], path[512];
     s_log_safe(method, sizeof method, req->method.base, req->method.len);
     s_log_safe(path, sizeof path, req->path.base, req->path.len);
-    kp_info("http", "%s %s %d %zu %.1fms", method, path, status, bytes, ms);
+    kp_info("http", "%s %s %d %zu %.1fms %s", method, path, status, bytes, ms,
+            s_log_user && *s_log_user ? s_log_user : "-");
 }
 
 /* For kp_static: the security headers of this request's scheme. */
@@ -518,7 +526,9 @@ static void s_on_messages(h2o_multithread_receiver_t *rcv, h2o_linklist_t *messa
         job->owner->inflight--;
         if (job->req) {
             job->token->job = NULL;
+            s_log_user = job->in.id.authenticated ? job->in.id.user : NULL;
             s_respond(job->req, &job->out);
+            s_log_user = NULL;
         } else {
             char path[256];
             s_log_safe(path, sizeof path, job->in.path, strlen(job->in.path));
@@ -696,6 +706,48 @@ static int s_authorize(h2o_req_t *req, const char *method, s_job_t *job)
     return 0;
 }
 
+/* Rate limits (kp_ratelimit): login attempts per client address and per account name (taken
+ * from the JSON body, cheap to parse here), and /api requests per address and per account.
+ * DICOMweb is not limited: a viewer fetches hundreds of frames at once. True when refused. */
+static bool s_rate_limited(h2o_req_t *req, s_job_t *job, int *retry)
+{
+    const char *path = job->in.route->pattern;
+    if (strncmp(path, "/api/", 5)) return false;
+    double now = s_now();
+    char key[160];
+    struct sockaddr_storage sa;
+    char peer[64] = "";
+    socklen_t sl = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&sa);
+    if (!sl || h2o_socket_getnumerichost((struct sockaddr *)&sa, sl, peer) == SIZE_MAX) peer[0] = 0;
+    if (!strcmp(path, "/api/auth/login")) {
+        snprintf(key, sizeof key, "ip:%s", peer);
+        if (!kp_ratelimit_take(s_g.rl_login, key, now, retry)) return true;
+        json_t *j = req->entity.len && req->entity.len < 65536
+                        ? json_loadb(req->entity.base, req->entity.len, 0, NULL)
+                        : NULL;
+        const char *u = json_string_value(json_object_get(j, "username"));
+        bool refused = false;
+        if (u && *u) {
+            snprintf(key, sizeof key, "user:");
+            for (size_t i = 0; u[i] && i < 64; i++) {
+                size_t k = strlen(key);
+                key[k] = (char)((u[i] >= 'A' && u[i] <= 'Z') ? u[i] + 32 : u[i]);
+                key[k + 1] = 0;
+            }
+            refused = !kp_ratelimit_take(s_g.rl_login, key, now, retry);
+        }
+        json_decref(j);
+        return refused;
+    }
+    snprintf(key, sizeof key, "ip:%s", peer);
+    if (!kp_ratelimit_take(s_g.rl_api, key, now, retry)) return true;
+    if (job->in.id.authenticated) {
+        snprintf(key, sizeof key, "user:%s", job->in.id.user);
+        if (!kp_ratelimit_take(s_g.rl_api, key, now, retry)) return true;
+    }
+    return false;
+}
+
 /* The viewer's pages (not its bundles, which are public code) need a session: a browser without
  * a valid access cookie is sent to the sign-in page, which brings it back. True when answered. */
 static bool s_viewer_gate(h2o_req_t *req)
@@ -818,6 +870,15 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     /* Who asks, and may they: token (bearer or cookie) verified here (CPU only), the route's
      * permission checked against the roles; the session's liveness is checked by the worker. */
     int deny = s_authorize(req, method, job);
+    int retry = 0;
+    if (!deny && s_rate_limited(req, job, &retry)) {
+        s_job_free(job);
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", retry);
+        s_add_header_copy(req, H2O_TOKEN_RETRY_AFTER, ra);
+        s_respond_error(req, KP_ERATELIMIT, 0, "too many requests", "try again later", NULL);
+        return 0;
+    }
     if (deny) {
         s_job_free(job);
         if (deny == KP_EUNAUTH)
@@ -962,6 +1023,17 @@ static void s_on_accept(h2o_socket_t *listener, const char *err)
 static void *s_loop_main(void *arg)
 {
     s_loop_t *L = arg;
+    /* The loop, its context and the context's message queue are created on this thread: H2O
+     * 2.2.5 keeps its buffer recyclers in thread-local storage and a socket remembers the
+     * recycler of the thread that created it, so a queue made on the main thread would have
+     * every loop thread recycling through the main thread's lists at once (heap corruption
+     * under load, seen with 32 concurrent connections). */
+    L->loop = h2o_evloop_create();
+    h2o_context_init(&L->ctx, L->loop, &s_g.globalconf);
+    h2o_multithread_register_receiver(L->ctx.queue, &L->receiver, s_on_messages);
+    L->accept_tls = (h2o_accept_ctx_t){
+        .ctx = &L->ctx, .hosts = s_g.globalconf.hosts, .ssl_ctx = s_g.ssl_ctx};
+    L->accept_plain = (h2o_accept_ctx_t){.ctx = &L->ctx, .hosts = s_g.globalconf.hosts};
     L->listen_tls = h2o_evloop_socket_create(L->loop, L->fd_tls, H2O_SOCKET_FLAG_DONT_READ);
     L->listen_tls->data = L;
     h2o_socket_read_start(L->listen_tls, s_on_accept);
@@ -1094,8 +1166,17 @@ int main(int argc, char **argv)
     if (!s_g.st) goto out;
     s_g.ing = kp_ingest_new(cfg, s_g.st, "gateway");
     if (!s_g.ing) goto out;
+    /* audit events (kp_api_auth.c) are published at once on this bus, which kp_audit guards
+     * with its mutex for the database workers; without it the outbox sweep delivers them */
+    static kp_bus_t *audit_bus;
+    audit_bus = kp_bus_new(cfg, "gateway-audit");
+    kp_audit_set_bus(audit_bus);
     s_g.auth = kp_auth_new(cfg);
     if (!s_g.auth) goto out;
+    s_g.rl_login = kp_ratelimit_new((double)cfg->http_rate_login_per_min / 60.0,
+                                    (double)cfg->http_rate_login_per_min);
+    s_g.rl_api = kp_ratelimit_new((double)cfg->http_rate_api_per_sec,
+                                  2.0 * (double)cfg->http_rate_api_per_sec);
     kp_www_init(cfg->http_www_dir);
     if (!cfg->http_dev_allow_all) {
         kp_db_t *adb = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, true, NULL);
@@ -1163,12 +1244,6 @@ int main(int argc, char **argv)
 
     for (int i = 0; i < s_g.nloops; i++) {
         s_loop_t *L = &s_g.loops[i];
-        L->loop = h2o_evloop_create();
-        h2o_context_init(&L->ctx, L->loop, &s_g.globalconf);
-        h2o_multithread_register_receiver(L->ctx.queue, &L->receiver, s_on_messages);
-        L->accept_tls = (h2o_accept_ctx_t){
-            .ctx = &L->ctx, .hosts = s_g.globalconf.hosts, .ssl_ctx = s_g.ssl_ctx};
-        L->accept_plain = (h2o_accept_ctx_t){.ctx = &L->ctx, .hosts = s_g.globalconf.hosts};
         pthread_create(&L->tid, NULL, s_loop_main, L);
     }
     kp_info("http", "listening: https://%s:%ld/dicom-web (%d loop threads, %d database workers)%s",
@@ -1195,7 +1270,11 @@ out:
     if (s_g.events_started) pthread_join(s_g.events, NULL);
     if (s_g.reloader_started) pthread_join(s_g.reloader, NULL);
     kp_auth_destroy(&s_g.auth);
+    kp_ratelimit_destroy(&s_g.rl_login);
+    kp_ratelimit_destroy(&s_g.rl_api);
     kp_mdcache_destroy(&s_g.mdcache);
+    kp_audit_set_bus(NULL);
+    kp_bus_destroy(&audit_bus);
     kp_ingest_destroy(&s_g.ing);
     kp_storage_destroy(&s_g.st);
     kp_dicom_shutdown();

@@ -120,6 +120,9 @@ class System:
                 "KP_AUTH_ARGON2_M_KIB": "4096",
                 "KP_AUTH_ARGON2_T": "1",
                 "KP_AUTH_ACCESS_TTL": "3600",
+                # tests log in often from one address (test_ratelimit checks the real limits)
+                "KP_HTTP_RATE_LOGIN_PER_MIN": "100000",
+                "KP_HTTP_RATE_API_PER_SEC": "100000",
             })
         self.token = None  # the test administrator's access token (login_admin)
         self.env.update(extra_env or {})
@@ -147,6 +150,7 @@ class System:
         self.start("pacs-busd")
         for i in range(self.n_indexers):
             self.start(f"pacs-indexer#{i}", "pacs-indexer")
+        self.start("pacs-auditor#0", "pacs-auditor")
         self.start_dicomd()
         if self.gateway:
             self.start_gateway()

@@ -62,7 +62,8 @@ def concrete(route):
     path = (route["path"].replace("{study}", ds.StudyInstanceUID)
             .replace("{series}", ds.SeriesInstanceUID)
             .replace("{instance}", ds.SOPInstanceUID)
-            .replace("{frames}", "1").replace("{tagpath...}", "7FE00010"))
+            .replace("{frames}", "1").replace("{tagpath...}", "7FE00010")
+            .replace("{name}", "nobody-here"))  # admin API: no such user/role/site (404)
     assert "{" not in path, f"no value for a parameter of {route['path']}"
     if path == "/wado":
         path += (f"?requestType=WADO&studyUID={ds.StudyInstanceUID}"

@@ -6,6 +6,7 @@
  *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
  *   pacsctl [--config FILE] ae list|add|remove|echo ...      the modality registry
+ *   pacsctl [--config FILE] audit verify|list ...            the audit trail
  *   pacsctl bus keygen FILE                    write a new CurveZMQ key pair
  *   pacsctl config-get SECTION.KEY             print one setting's effective value
  *   pacsctl config-example                     print the documented example configuration
@@ -49,6 +50,8 @@ static void s_usage(void)
             "     [--if-missing] | passwd NAME [...] | disable|enable|unlock|reset-mfa|\n"
             "     sessions-revoke NAME    accounts; without a password option one is generated,\n"
             "                           printed once, and must be changed at first login\n"
+            "  audit verify             recompute the audit trail's hash chain (exit 1 if broken)\n"
+            "  audit list [--user U] [--action A] [--limit N]   newest audit records first\n"
             "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
             "  config-get SECTION.KEY   print one setting's effective value\n"
             "  config-example           print the documented example configuration\n");
@@ -380,6 +383,8 @@ int main(int argc, char **argv)
         rc = pacsctl_ae(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "user"))
         rc = pacsctl_user(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "audit"))
+        rc = pacsctl_audit(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "bus") && n == 3 && !strcmp(args[1], "keygen")) {
         char pub[KP_CURVE_KEY_LEN + 1];
         rc = kp_curve_keygen(args[2], pub) ? 1 : 0;

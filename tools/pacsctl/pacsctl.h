@@ -16,4 +16,7 @@ int pacsctl_ae(const kp_config_t *cfg, int argc, char **argv);
 /* `pacsctl user ...`: accounts. Returns the exit status. */
 int pacsctl_user(const kp_config_t *cfg, int argc, char **argv);
 
+/* `pacsctl audit verify|list ...`: the audit trail. Returns the exit status. */
+int pacsctl_audit(const kp_config_t *cfg, int argc, char **argv);
+
 #endif

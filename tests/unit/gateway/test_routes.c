@@ -96,6 +96,62 @@ static void test_not_found_bad_method_bad_uid(void **state)
     assert_int_equal(s_match("GET", longp, &r, allow), KP_ROUTE_BAD_UID);
 }
 
+/* {name}: user, role and site names of the admin API */
+static void test_name_placeholder(void **state)
+{
+    (void)state;
+    kp_http_req_t r;
+    char allow[64];
+    const char *good[] = {"admin", "Dr.House", "jane.doe@example.org", "a", "x_y-z.1",
+                          "0abc", "default"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        char p[128];
+        snprintf(p, sizeof p, "/api/users/%s", good[i]);
+        assert_int_equal(s_match("GET", p, &r, allow), KP_ROUTE_OK);
+        assert_int_equal(r.nparams, 1);
+        assert_string_equal(r.params[0], good[i]);
+        assert_string_equal(r.route->permission, "user.manage");
+        snprintf(p, sizeof p, "/api/users/%s/password", good[i]);
+        assert_int_equal(s_match("POST", p, &r, allow), KP_ROUTE_OK);
+        assert_string_equal(r.params[0], good[i]);
+        assert_string_equal(r.route->pattern, "/api/users/{name}/password");
+    }
+    char max[80] = "/api/roles/";
+    memset(max + strlen(max), 'r', 64);
+    assert_int_equal(s_match("DELETE", max, &r, allow), KP_ROUTE_OK);
+    assert_int_equal(strlen(r.params[0]), 64);
+    assert_string_equal(r.route->permission, "role.manage");
+    strcat(max, "r"); /* 65 characters */
+    assert_int_equal(s_match("DELETE", max, &r, allow), KP_ROUTE_NOT_FOUND);
+    /* not names: no match at all (404), never a handler with a bad parameter */
+    const char *bad[] = {"..", ".", ".hidden", "-rf", "_x", "@x", "a b", "a%2Fb", "a\\b",
+                         "a\"b", "a'b", "caf\xc3\xa9", "a;b", "a*", "%2e%2e", "a\x01"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char p[128];
+        snprintf(p, sizeof p, "/api/sites/%s", bad[i]);
+        assert_int_equal(s_match("GET", p, &r, allow), KP_ROUTE_NOT_FOUND);
+        snprintf(p, sizeof p, "/api/users/%s/unlock", bad[i]);
+        assert_int_equal(s_match("POST", p, &r, allow), KP_ROUTE_NOT_FOUND);
+    }
+    assert_int_equal(s_match("GET", "/api/users/../roles", &r, allow), KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/api/users/a/../../etc", &r, allow), KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/api/users/", &r, allow), KP_ROUTE_NOT_FOUND);
+    assert_int_equal(s_match("GET", "/api/users//password", &r, allow), KP_ROUTE_NOT_FOUND);
+    /* methods: 405 with the allowed ones; the collections */
+    assert_int_equal(s_match("PATCH", "/api/users/bob", &r, allow), KP_ROUTE_BAD_METHOD);
+    assert_string_equal(allow, "GET, PUT, DELETE");
+    assert_int_equal(s_match("GET", "/api/users/bob/reset-mfa", &r, allow), KP_ROUTE_BAD_METHOD);
+    assert_string_equal(allow, "POST");
+    assert_int_equal(s_match("POST", "/api/sites", &r, allow), KP_ROUTE_OK);
+    assert_int_equal(r.nparams, 0);
+    assert_string_equal(r.route->permission, "site.manage");
+    assert_int_equal(s_match("GET", "/api/permissions", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.route->permission, "role.manage");
+    /* a UID placeholder still refuses names */
+    assert_int_equal(s_match("GET", "/dicom-web/studies/admin/metadata", &r, allow),
+                     KP_ROUTE_BAD_UID);
+}
+
 static void test_error_body(void **state)
 {
     (void)state;
@@ -127,6 +183,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matching),
         cmocka_unit_test(test_not_found_bad_method_bad_uid),
+        cmocka_unit_test(test_name_placeholder),
         cmocka_unit_test(test_error_body),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
