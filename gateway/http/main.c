@@ -26,6 +26,7 @@
 #include "kp_tls.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -1140,6 +1141,11 @@ static int s_print_routes(void)
 int main(int argc, char **argv)
 {
     if (argc == 2 && !strcmp(argv[1], "--routes")) return s_print_routes();
+    /* Streamed responses use 1 MiB buffers, decoded frames and rendered images are large too:
+     * keep such blocks in the heap for reuse instead of a fresh mmap (and page faults, and an
+     * munmap) per response, which cost more CPU than the copying itself. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 128 << 20);
     kp_log_init("pacs-gateway");
     bool exit_now = false;
     kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-gateway", &exit_now, NULL);
