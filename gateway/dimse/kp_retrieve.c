@@ -12,6 +12,7 @@
  * service itself, not error conditions of the catalogue, so they are named here. */
 #include "kp_retrieve.h"
 
+#include "kp_audit.h"
 #include "kp_bus.h"
 #include "kp_db.h"
 #include "kp_dbpool.h"
@@ -229,6 +230,12 @@ void kp_retrieve_done(void *user, const kp_dicom_retrieve_req_t *req,
     if (req->op == KP_DICOM_MOVE)
         json_object_set_new(pl, "destination",
                             json_string(req->move_destination ? req->move_destination : ""));
+    /* the durable record (outbox -> pacs-auditor), then the live event for monitors */
+    char ae[20];
+    snprintf(ae, sizeof ae, "%s", req->calling_ae ? req->calling_ae : "");
+    kp_retrieve_audit(r, req->op == KP_DICOM_MOVE ? "dicom.move" : "dicom.get",
+                      res->status == 0 ? "success" : "failure", ae, req->peer_host,
+                      res->nstudies == 1 ? res->study_uids[0] : NULL, pl);
     kp_msg_t m;
     if (kp_msg_init(&m, "audit.dicom", 0, pl)) return;
     pthread_mutex_lock(&r->bus_mu);
@@ -236,4 +243,34 @@ void kp_retrieve_done(void *user, const kp_dicom_retrieve_req_t *req,
     pthread_mutex_unlock(&r->bus_mu);
     if (rc) kp_debug(CAT, "audit event not published: %s", kp_strerror(rc));
     kp_msg_clear(&m);
+}
+
+void kp_retrieve_audit(kp_retrieve_t *r, const char *action, const char *outcome, const char *actor,
+                       const char *client, const char *study, json_t *detail)
+{
+    kp_db_t *db = kp_dbpool_acquire(r->pool);
+    if (!db) {
+        kp_warn(CAT, "%s of %s not recorded in the audit trail: no database connection", action,
+                actor ? actor : "?");
+        return;
+    }
+    char pid[72] = "";
+    if (study) {
+        const char *p[] = {study};
+        PGresult *res = NULL;
+        if (!kp_db_exec(db, &res, "SELECT patient_id FROM studies WHERE study_uid = $1", 1, p) &&
+            PQntuples(res) == 1)
+            snprintf(pid, sizeof pid, "%s", PQgetvalue(res, 0, 0));
+        if (res) PQclear(res);
+    }
+    kp_audit_event_t ev = {.action = action,
+                           .outcome = outcome,
+                           .actor = actor && *actor ? actor : NULL,
+                           .client = client,
+                           .patient_id = pid[0] ? pid : NULL,
+                           .study_uid = study,
+                           .detail = detail};
+    if (kp_audit_emit(db, NULL, &ev))
+        kp_warn(CAT, "%s of %s not recorded in the audit trail", action, actor ? actor : "?");
+    kp_dbpool_release(r->pool, db);
 }

@@ -10,6 +10,8 @@
 #ifndef KP_RETRIEVE_H
 #define KP_RETRIEVE_H
 
+#include <jansson.h>
+
 #include "kp_config.h"
 #include "kp_dicom.h"
 
@@ -27,5 +29,11 @@ unsigned kp_retrieve_handle(void *user, const kp_dicom_retrieve_req_t *req,
 /* kp_dicom_retrieve_done_fn: publishes the audit.dicom event (see docs/conformance.md). */
 void kp_retrieve_done(void *user, const kp_dicom_retrieve_req_t *req,
                       const kp_dicom_retrieve_result_t *res);
+
+/* Records an audit event (kp_audit_emit on a connection of the retrieve pool; the job reaches
+ * pacs-auditor through the outbox sweep): the actor is the calling AE title; the patient is
+ * looked up from study when given. detail (borrowed) may be NULL. Logged, never fatal. */
+void kp_retrieve_audit(kp_retrieve_t *r, const char *action, const char *outcome, const char *actor,
+                       const char *client, const char *study, json_t *detail);
 
 #endif

@@ -18,6 +18,7 @@
 #include "kp_retrieve.h"
 #include "kp_storage.h"
 
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,18 +69,29 @@ static int s_on_assoc(void *user, const char *calling, const char *called, const
 {
     (void)user;
     const kp_config_t *cfg = s_d.cfg;
+    int result = 0;
+    const char *why = NULL;
     if (cfg->dicom_check_called_ae && strcmp(called, cfg->dicom_ae_title)) {
         kp_warn("assoc", "rejected association from %s (%s): called AE '%s' is not ours (%s)",
                 calling, host, called, cfg->dicom_ae_title);
-        return 2;
-    }
-    if (cfg->dicom_allowed_aes[0] && !s_in_list(cfg->dicom_allowed_aes, calling)) {
+        result = 2;
+        why = "called AE title is not ours";
+    } else if (cfg->dicom_allowed_aes[0] && !s_in_list(cfg->dicom_allowed_aes, calling)) {
         kp_warn("assoc", "rejected association from %s (%s): calling AE not in dicom.allowed_aes",
                 calling, host);
-        return 1;
+        result = 1;
+        why = "calling AE title not allowed";
+    } else {
+        kp_debug("assoc", "association from %s (%s) to %s accepted", calling, host, called);
     }
-    kp_debug("assoc", "association from %s (%s) to %s accepted", calling, host, called);
-    return 0;
+    /* every association, accepted or not, is in the audit trail */
+    json_t *d = json_pack("{s:s}", "called_ae", called ? called : "");
+    if (d && why) json_object_set_new(d, "reason", json_string(why));
+    if (s_d.ret)
+        kp_retrieve_audit(s_d.ret, "dicom.association", result ? "failure" : "success", calling,
+                          host, NULL, d);
+    json_decref(d);
+    return result;
 }
 
 /* ---- C-STORE ------------------------------------------------------------------------------ */
@@ -102,7 +114,26 @@ static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
 static unsigned s_on_find(void *user, const kp_dicom_find_req_t *req, kp_dicom_find_results_t *out)
 {
     (void)user;
-    return kp_find_handle(s_d.find, req, out);
+    unsigned st = kp_find_handle(s_d.find, req, out);
+    /* the query in the audit trail: level and the keys that had a value (the filter) */
+    json_t *keys = json_object();
+    const char *study = NULL;
+    for (size_t i = 0; keys && i < req->nkeys; i++) {
+        if (!req->keys[i].value || !*req->keys[i].value) continue;
+        char tag[9];
+        snprintf(tag, sizeof tag, "%08X", (unsigned)req->keys[i].tag);
+        json_object_set_new(keys, tag, json_string(req->keys[i].value));
+        if (req->keys[i].tag == 0x0020000D && !strchr(req->keys[i].value, '\\'))
+            study = req->keys[i].value;
+    }
+    char sts[8];
+    snprintf(sts, sizeof sts, "%04X", st & 0xFFFFu);
+    json_t *d = json_pack("{s:s, s:o, s:s}", "level", req->level ? req->level : "", "keys",
+                          keys ? keys : json_object(), "status", sts);
+    kp_retrieve_audit(s_d.ret, "dicom.find", (st == 0 || st == 0xFE00) ? "success" : "failure",
+                      req->calling_ae, req->peer_host, study, d);
+    json_decref(d);
+    return st;
 }
 
 static unsigned s_on_retrieve(void *user, const kp_dicom_retrieve_req_t *req,

@@ -79,3 +79,21 @@ def test_upload_and_admin_changes_are_recorded(gw):
                 "the admin change recorded")
     r = gw.pacsctl("audit", "verify")
     assert "intact" in r.stdout
+
+
+def test_dimse_associations_and_queries_are_recorded(gw):
+    import subprocess
+    assert gw.echo(aet="AUDITSCU")
+    assert not gw.echo(aet="AUDITSCU", aec="NOT_US")  # refused: called AE is not ours
+    r = subprocess.run(["findscu", "-S", "-aet", "AUDITSCU", "-aec", "KLINIKA",
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=*",
+                        "-k", "StudyInstanceUID", "127.0.0.1", str(gw.port)],
+                       capture_output=True, text=True, timeout=60, env=gw.env)
+    assert r.returncode == 0, r.stderr
+    got = rows(gw, 4, "AUDITSCU")
+    assoc = [g for g in got if g[0] == "dicom.association"]
+    assert [g[5].get("reason") for g in assoc][:2] == [None, "called AE title is not ours"]
+    assert all(g[2] == "127.0.0.1" for g in assoc)
+    find = [g for g in got if g[0] == "dicom.find"]
+    assert find and find[0][5]["level"] == "STUDY" and find[0][5]["keys"]["00100010"] == "*"
+    assert "intact" in gw.pacsctl("audit", "verify").stdout
