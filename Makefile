@@ -18,7 +18,7 @@ CC        ?= cc
 CXX       ?= g++
 OPT       ?= -O2
 
-PKGS      := libzmq msgpack libpq openssl jansson inih libjwt libargon2 liboath
+PKGS      := libzmq msgpack libpq openssl jansson inih libjwt libargon2 liboath libqrencode
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 DCMTK_LIBS := -ldcmnet -ldcmtls -ldcmjpls -ldcmjpeg -ldcmimage -ldcmimgle -ldcmdata -loflog -lofstd -lpng -ljpeg

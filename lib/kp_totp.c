@@ -11,6 +11,7 @@
 #include <openssl/rand.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <qrencode.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -225,4 +226,29 @@ int kp_totp_recovery_verify(const char *code, const char *const *hashes, size_t 
         if (CRYPTO_memcmp(h, hashes[i], 64) == 0 && found < 0) found = (int)i;
     }
     return found;
+}
+
+char *kp_totp_qr_svg(const char *text, int module_px)
+{
+    if (!text || !*text) return NULL;
+    if (module_px < 1 || module_px > 32) module_px = 4;
+    QRcode *qr = QRcode_encodeString(text, 0, QR_ECLEVEL_M, QR_MODE_8, 1);
+    if (!qr) return NULL;
+    const int quiet = 4, w = qr->width, side = (w + 2 * quiet) * module_px;
+    /* one <path> of unit squares: small and exact */
+    size_t cap = 256 + (size_t)w * (size_t)w * 24;
+    char *svg = malloc(cap);
+    if (!svg) abort();
+    size_t n = (size_t)snprintf(svg, cap,
+                                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
+                                "viewBox=\"0 0 %d %d\" shape-rendering=\"crispEdges\">"
+                                "<rect width=\"100%%\" height=\"100%%\" fill=\"#fff\"/><path fill=\"#000\" d=\"",
+                                side, side, w + 2 * quiet, w + 2 * quiet);
+    for (int y = 0; y < w; y++)
+        for (int x = 0; x < w; x++)
+            if (qr->data[y * w + x] & 1)
+                n += (size_t)snprintf(svg + n, cap - n, "M%d %dh1v1h-1z", x + quiet, y + quiet);
+    snprintf(svg + n, cap - n, "\"/></svg>");
+    QRcode_free(qr);
+    return svg;
 }

@@ -65,4 +65,8 @@ int kp_totp_recovery_new(char codes[KP_TOTP_RECOVERY_COUNT][KP_TOTP_RECOVERY_COD
  * caller then marks it used), or KP_EUNAUTH. */
 int kp_totp_recovery_verify(const char *code, const char *const *hashes, size_t n);
 
+/* The QR code of text (an otpauth:// URI) as a standalone SVG image (libqrencode, error
+ * correction M, 4-module quiet zone, module_px pixels per module), malloc'd; NULL on failure. */
+char *kp_totp_qr_svg(const char *text, int module_px);
+
 #endif

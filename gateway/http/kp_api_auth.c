@@ -678,11 +678,13 @@ int kp_api_mfa_setup(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_
     bool already = PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
     PQclear(r);
     char *uri = kp_totp_uri(env->cfg->auth_totp_issuer, req->id.user, b32);
+    char *qr = uri ? kp_totp_qr_svg(uri, 4) : NULL;
     s_json_resp(resp, 200,
-                json_pack("{s:s, s:s, s:i, s:i, s:b, s:s}", "secret", b32, "otpauth_uri",
-                          uri ? uri : "", "digits", KP_TOTP_DIGITS, "period", KP_TOTP_PERIOD,
-                          "replaces_existing", already, "next",
+                json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:s}", "secret", b32, "otpauth_uri",
+                          uri ? uri : "", "qr_svg", qr ? qr : "", "digits", KP_TOTP_DIGITS,
+                          "period", KP_TOTP_PERIOD, "replaces_existing", already, "next",
                           "POST /api/auth/mfa/confirm with {\"code\": \"123456\"}"));
+    free(qr);
     free(uri);
     return 0;
 }

@@ -180,12 +180,25 @@ static void s_header(h2o_req_t *req, const char *name, const char *value)
                           strlen(value));
 }
 
+/* Our own pages and the API get a strict policy: only this origin's scripts (no inline script,
+ * no eval), styles of the page itself, no plugins, no framing, forms only to us. The OHIF viewer
+ * keeps frame-ancestors only: its bundle needs WebAssembly, workers from blob: URLs and inline
+ * styles, which a stricter policy would break. */
+#define S_CSP_APP                                                                                  \
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' "     \
+    "data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "          \
+    "frame-ancestors 'none'"
+
 static void s_security_headers(h2o_req_t *req, int tls)
 {
     if (tls) s_header(req, "strict-transport-security", "max-age=31536000");
     s_header(req, "x-content-type-options", "nosniff");
-    s_header(req, "x-frame-options", "SAMEORIGIN");
-    s_header(req, "content-security-policy", "frame-ancestors 'self'");
+    const char *p = req->path_normalized.base;
+    size_t n = req->path_normalized.len;
+    bool ours = (n >= 4 && !memcmp(p, "/app", 4) && (n == 4 || p[4] == '/')) ||
+                (n >= 4 && !memcmp(p, "/api", 4) && (n == 4 || p[4] == '/'));
+    s_header(req, "x-frame-options", ours ? "DENY" : "SAMEORIGIN");
+    s_header(req, "content-security-policy", ours ? S_CSP_APP : "frame-ancestors 'self'");
     s_header(req, "referrer-policy", "no-referrer");
 }
 

@@ -97,3 +97,4 @@ def test_dimse_associations_and_queries_are_recorded(gw):
     find = [g for g in got if g[0] == "dicom.find"]
     assert find and find[0][5]["level"] == "STUDY" and find[0][5]["keys"]["00100010"] == "*"
     assert "intact" in gw.pacsctl("audit", "verify").stdout
+
