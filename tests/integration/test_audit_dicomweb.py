@@ -98,3 +98,15 @@ def test_dimse_associations_and_queries_are_recorded(gw):
     assert find and find[0][5]["level"] == "STUDY" and find[0][5]["keys"]["00100010"] == "*"
     assert "intact" in gw.pacsctl("audit", "verify").stdout
 
+
+
+def test_pacsctl_user_changes_are_recorded(gw):
+    gw.add_user("termuser", PW, "operator")
+    gw.pacsctl("user", "disable", "termuser")
+    def got():
+        return gw.sql("SELECT action, actor, client, detail FROM audit_log WHERE "
+                      "detail->>'target' = 'termuser' ORDER BY seq")
+    kp.wait_for(lambda: len(got()) >= 2, 30, "the two pacsctl changes recorded", 0.2)
+    r = got()
+    assert [x[3]["command"] for x in r] == ["add", "disable"]
+    assert all(x[0] == "admin.user" and x[1].startswith("pacsctl:") and x[2] == "local" for x in r)

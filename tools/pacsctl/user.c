@@ -12,6 +12,7 @@
  *   pacsctl user passwd NAME [--password-file F | --password-env VAR] [--temporary]
  *   pacsctl user disable NAME | enable NAME | unlock NAME | reset-mfa NAME
  *   pacsctl user sessions-revoke NAME     log the user out everywhere */
+#include "kp_audit.h"
 #include "kp_errors.h"
 #include "kp_password.h"
 #include "pacsctl.h"
@@ -77,6 +78,25 @@ static int s_new_password(const kp_config_t *cfg, const char *name, const char *
         return 1;
     }
     return 0;
+}
+
+/* A change made at the terminal is in the audit trail like one made through the admin API:
+ * action admin.user, actor "pacsctl:<login name>", client "local". */
+static void s_audit(kp_db_t *db, const char *command, const char *target)
+{
+    const char *who = getenv("SUDO_USER") ? getenv("SUDO_USER") : getenv("USER");
+    char actor[96];
+    snprintf(actor, sizeof actor, "pacsctl:%s", who && *who ? who : "?");
+    json_t *d = json_pack("{s:s, s:s, s:s}", "command", command, "target", target, "via",
+                          "pacsctl");
+    kp_audit_event_t ev = {.action = "admin.user",
+                           .outcome = "success",
+                           .actor = actor,
+                           .client = "local",
+                           .detail = d};
+    if (kp_audit_emit(db, NULL, &ev))
+        fprintf(stderr, "pacsctl: warning: the change is not in the audit trail\n");
+    json_decref(d);
 }
 
 static int s_list(kp_db_t *db)
@@ -195,6 +215,7 @@ static int s_add(const kp_config_t *cfg, kp_db_t *db, int argc, char **argv)
         fprintf(stderr, "pacsctl: warning: some sites do not exist (pacsctl site list)\n");
     }
     printf("user %s added (roles %s, sites %s)\n", name, rl, nsites ? sl : "none");
+    s_audit(db, "add", name);
     if (generated)
         printf("initial password (shown once, to be changed at first login): %s\n", pw);
     free(pw);
@@ -236,6 +257,7 @@ static int s_passwd(const kp_config_t *cfg, kp_db_t *db, int argc, char **argv)
     }
     PQclear(r);
     printf("password of %s set%s\n", name, (temporary || generated) ? " (must be changed at next login)" : "");
+    s_audit(db, "passwd", name);
     if (generated) printf("new password (shown once): %s\n", pw);
     free(pw);
     return 0;
@@ -276,6 +298,7 @@ static int s_simple(kp_db_t *db, const char *what, const char *name)
             return 1;
         }
         printf("user %s %s\n", name, ops[i].done);
+        s_audit(db, what, name);
         return 0;
     }
     fprintf(stderr, "pacsctl: user: unknown command '%s'\n", what);
