@@ -76,6 +76,7 @@ def test_sweep_republishes_and_jobs_retry(cluster):
     try:
         s.start("pacs-busd")
         s.start("pacs-indexer#0", "pacs-indexer")
+        s.start("pacs-auditor#0", "pacs-auditor")  # dicomd's association records settle too
         s.start_dicomd()
         f = os.path.join(kp.PYDICOM_DATA, "test_files", "CT_small.dcm")
         rc, res, out = s.storescu([f])
