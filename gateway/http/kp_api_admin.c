@@ -91,11 +91,6 @@ static int s_fail(kp_http_resp_t *resp, int code, const char *msg, const char *d
     return 0;
 }
 
-static json_t *s_body_json(const kp_http_req_t *req, kp_http_resp_t *resp)
-{
-    return kp_http_json_body(req, resp);
-}
-
 /* A body that may be left out entirely (then {}). */
 static json_t *s_body_optional(const kp_http_req_t *req, kp_http_resp_t *resp)
 {
@@ -104,12 +99,7 @@ static json_t *s_body_optional(const kp_http_req_t *req, kp_http_resp_t *resp)
         if (!j) abort();
         return j;
     }
-    return s_body_json(req, resp);
-}
-
-static void s_json_resp(kp_http_resp_t *resp, int status, json_t *j)
-{
-    kp_http_json_resp(resp, status, j);
+    return kp_http_json_body(req, resp);
 }
 
 static void s_text_resp(kp_http_resp_t *resp, int status, const char *text)
@@ -427,21 +417,52 @@ static int s_beyond_caller(kp_http_env_t *env, const kp_http_req_t *req, kp_http
     "the last active user holding user.manage cannot lose it (give the permission to another "     \
     "user first)"
 
+/* A list endpoint: one statement yielding the whole JSON answer as text. */
+static int s_list(kp_http_env_t *env, kp_http_resp_t *resp, const char *sql)
+{
+    PGresult *r = NULL;
+    int rc = kp_db_exec(env->db, &r, sql, 0, NULL);
+    if (rc) return rc;
+    s_text_resp(resp, 200, PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return 0;
+}
+
+/* One object by name (sql selects it as text with $1 = name): the answer, or 404 "no such
+ * <what>". *out (may be NULL) gets the object instead of answering, for the caller to extend. */
+static int s_object(kp_http_env_t *env, kp_http_resp_t *resp, int status, const char *sql,
+                    const char *what, const char *name, json_t **out)
+{
+    const char *p[] = {name};
+    json_t *o = NULL;
+    int rc = s_one_json(env, sql, 1, p, &o);
+    if (rc) return rc;
+    if (!o) {
+        char msg[48];
+        snprintf(msg, sizeof msg, "no such %s", what);
+        return s_fail(resp, KP_ENOTFOUND, msg, name);
+    }
+    if (out) {
+        *out = o;
+        return 0;
+    }
+    kp_http_json_resp(resp, status, o);
+    return 0;
+}
+
 /* ---- users --------------------------------------------------------------------------------- */
 
 static int s_user_answer(kp_http_env_t *env, const char *name, kp_http_resp_t *resp, int status,
                          const char *password)
 {
-    const char *p[] = {name};
     json_t *o = NULL;
-    int rc = s_one_json(env,
-                        "SELECT " S_USER_OBJ "::text FROM users u WHERE lower(u.username) = "
-                        "lower($1)",
-                        1, p, &o);
-    if (rc) return rc;
-    if (!o) return s_fail(resp, KP_ENOTFOUND, "no such user", name);
+    int rc = s_object(env, resp, status,
+                      "SELECT " S_USER_OBJ "::text FROM users u WHERE lower(u.username) = "
+                      "lower($1)",
+                      "user", name, &o);
+    if (rc || !o) return rc;
     if (password) json_object_set_new(o, "password", json_string(password));
-    s_json_resp(resp, status, o);
+    kp_http_json_resp(resp, status, o);
     resp->compressible = false;
     return 0;
 }
@@ -489,7 +510,7 @@ int kp_api_user_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
  * temporary?} */
 int kp_api_users_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_json(req, resp);
+    json_t *b = kp_http_json_body(req, resp);
     if (!b) return 0;
     int rc = 0, temporary = -1, nroles = 0, nsites = 0;
     char *generated = NULL, *hash = NULL;
@@ -581,7 +602,7 @@ out:
 /* PUT /api/users/{name} {display_name?, email?, language?, roles?, sites?, disabled?} */
 int kp_api_user_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_json(req, resp);
+    json_t *b = kp_http_json_body(req, resp);
     if (!b) return 0;
     const char *name = req->params[0];
     int rc = 0, disabled = -1, nroles = 0, nsites = 0;
@@ -843,7 +864,7 @@ int kp_api_user_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_r
     json_t *j = json_pack("{s:s, s:b, s:i}", "username", username, "must_change_password", must,
                           "sessions_revoked", n);
     if (generated) json_object_set_new(j, "password", json_string(generated));
-    s_json_resp(resp, 200, j);
+    kp_http_json_resp(resp, 200, j);
     resp->compressible = false;
 out:
     if (r) PQclear(r);
@@ -895,14 +916,8 @@ int kp_api_user_reset_mfa(kp_http_env_t *env, const kp_http_req_t *req, kp_http_
 
 static int s_role_answer(kp_http_env_t *env, const char *name, kp_http_resp_t *resp, int status)
 {
-    const char *p[] = {name};
-    json_t *o = NULL;
-    int rc =
-        s_one_json(env, "SELECT " S_ROLE_OBJ "::text FROM roles r WHERE r.name = $1", 1, p, &o);
-    if (rc) return rc;
-    if (!o) return s_fail(resp, KP_ENOTFOUND, "no such role", name);
-    s_json_resp(resp, status, o);
-    return 0;
+    return s_object(env, resp, status, "SELECT " S_ROLE_OBJ "::text FROM roles r WHERE r.name = $1",
+                    "role", name, NULL);
 }
 
 /* After a committed role change: this gateway applies it at once (others within
@@ -916,15 +931,9 @@ static void s_reload(kp_http_env_t *env)
 int kp_api_roles_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "SELECT json_build_object('roles', coalesce(json_agg(" S_ROLE_OBJ
-                        " ORDER BY r.builtin DESC, r.name), '[]'::json))::text FROM roles r",
-                        0, NULL);
-    if (rc) return rc;
-    s_text_resp(resp, 200, PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return 0;
+    return s_list(env, resp,
+                  "SELECT json_build_object('roles', coalesce(json_agg(" S_ROLE_OBJ
+                  " ORDER BY r.builtin DESC, r.name), '[]'::json))::text FROM roles r");
 }
 
 int kp_api_role_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
@@ -935,16 +944,10 @@ int kp_api_role_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
 int kp_api_permissions_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "SELECT json_build_object('permissions', coalesce(json_agg("
-                        "json_build_object('name', name, 'description', description) ORDER BY "
-                        "name), '[]'::json))::text FROM permissions",
-                        0, NULL);
-    if (rc) return rc;
-    s_text_resp(resp, 200, PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return 0;
+    return s_list(env, resp,
+                  "SELECT json_build_object('permissions', coalesce(json_agg("
+                  "json_build_object('name', name, 'description', description) ORDER BY "
+                  "name), '[]'::json))::text FROM permissions");
 }
 
 /* The common members of POST and PUT /api/roles. -1 when answered. */
@@ -962,7 +965,7 @@ static int s_role_fields(json_t *b, kp_http_resp_t *resp, const char **desc, int
 /* POST /api/roles {name, description?, permissions[], require_mfa?} */
 int kp_api_roles_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_json(req, resp);
+    json_t *b = kp_http_json_body(req, resp);
     if (!b) return 0;
     int rc = 0, mfa = -1, hp = 0;
     const char *name, *desc;
@@ -1007,7 +1010,7 @@ out:
  * require_mfa may change (description and permissions may be sent unchanged). */
 int kp_api_role_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_json(req, resp);
+    json_t *b = kp_http_json_body(req, resp);
     if (!b) return 0;
     const char *name = req->params[0], *desc, *newname;
     int rc = 0, mfa = -1, hp = 0;
@@ -1149,28 +1152,16 @@ out:
 
 static int s_site_answer(kp_http_env_t *env, const char *name, kp_http_resp_t *resp, int status)
 {
-    const char *p[] = {name};
-    json_t *o = NULL;
-    int rc =
-        s_one_json(env, "SELECT " S_SITE_OBJ "::text FROM sites s WHERE s.name = $1", 1, p, &o);
-    if (rc) return rc;
-    if (!o) return s_fail(resp, KP_ENOTFOUND, "no such site", name);
-    s_json_resp(resp, status, o);
-    return 0;
+    return s_object(env, resp, status, "SELECT " S_SITE_OBJ "::text FROM sites s WHERE s.name = $1",
+                    "site", name, NULL);
 }
 
 int kp_api_sites_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "SELECT json_build_object('sites', coalesce(json_agg(" S_SITE_OBJ
-                        " ORDER BY s.name), '[]'::json))::text FROM sites s",
-                        0, NULL);
-    if (rc) return rc;
-    s_text_resp(resp, 200, PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return 0;
+    return s_list(env, resp,
+                  "SELECT json_build_object('sites', coalesce(json_agg(" S_SITE_OBJ
+                  " ORDER BY s.name), '[]'::json))::text FROM sites s");
 }
 
 int kp_api_site_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
@@ -1181,7 +1172,7 @@ int kp_api_site_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
 /* POST /api/sites {name, description?} */
 int kp_api_sites_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_json(req, resp);
+    json_t *b = kp_http_json_body(req, resp);
     if (!b) return 0;
     const char *name, *desc;
     int rc = 0;
@@ -1213,7 +1204,7 @@ out:
 /* PUT /api/sites/{name} {description}: sites are not renamed (tokens and sites.map name them). */
 int kp_api_site_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_json(req, resp);
+    json_t *b = kp_http_json_body(req, resp);
     if (!b) return 0;
     const char *name = req->params[0], *newname, *desc;
     int rc = 0;

@@ -45,20 +45,10 @@ static void s_audit(kp_http_env_t *env, const kp_http_req_t *req, const char *ac
     json_decref(d);
 }
 
-static json_t *s_body_json(const kp_http_req_t *req, kp_http_resp_t *resp)
-{
-    return kp_http_json_body(req, resp);
-}
-
 static const char *s_str(json_t *o, const char *k)
 {
     const char *v = json_string_value(json_object_get(o, k));
     return v && *v ? v : NULL;
-}
-
-static void s_json_resp(kp_http_resp_t *resp, int status, json_t *j)
-{
-    kp_http_json_resp(resp, status, j);
 }
 
 static void s_cookie(kp_http_resp_t *resp, const char *name, const char *value, long max_age,
@@ -66,8 +56,8 @@ static void s_cookie(kp_http_resp_t *resp, const char *name, const char *value, 
 {
     if (resp->nset_cookie >= 4) return;
     char buf[1024];
-    snprintf(buf, sizeof buf, "%s=%s; Path=/; Secure; SameSite=Strict; Max-Age=%ld%s", name,
-             value, max_age, http_only ? "; HttpOnly" : "");
+    snprintf(buf, sizeof buf, "%s=%s; Path=/; Secure; SameSite=Strict; Max-Age=%ld%s", name, value,
+             max_age, http_only ? "; HttpOnly" : "");
     resp->set_cookie[resp->nset_cookie++] = strdup(buf);
 }
 
@@ -116,8 +106,8 @@ static void s_user_free(s_user_t *u)
 }
 
 #define S_USER_COLS                                                                                \
-    "u.id, u.username, u.display_name, u.language, u.must_change_password, "                      \
-    "coalesce((SELECT array_agg(role ORDER BY role) FROM user_roles WHERE user_id = u.id), "      \
+    "u.id, u.username, u.display_name, u.language, u.must_change_password, "                       \
+    "coalesce((SELECT array_agg(role ORDER BY role) FROM user_roles WHERE user_id = u.id), "       \
     "'{}')::text, coalesce((SELECT array_agg(s.name ORDER BY s.name) FROM user_sites us JOIN "     \
     "sites s ON s.id = us.site_id WHERE us.user_id = u.id), '{}')::text, (u.totp_secret IS NULL "  \
     "AND EXISTS (SELECT 1 FROM user_roles ur JOIN roles r ON r.name = ur.role WHERE ur.user_id = " \
@@ -154,8 +144,10 @@ static int s_answer_tokens(kp_http_env_t *env, kp_http_resp_t *resp, const s_use
     if (rc) return rc;
     long ttl = env->cfg->auth_access_ttl;
     json_t *roles = json_array(), *sites = json_array();
-    for (int i = 0; i < u->nroles; i++) json_array_append_new(roles, json_string(u->roles[i]));
-    for (int i = 0; i < u->nsites; i++) json_array_append_new(sites, json_string(u->sites[i]));
+    for (int i = 0; i < u->nroles; i++)
+        json_array_append_new(roles, json_string(u->roles[i]));
+    for (int i = 0; i < u->nsites; i++)
+        json_array_append_new(sites, json_string(u->sites[i]));
     json_t *j = json_pack("{s:s, s:I, s:b, s:b, s:{s:s, s:s, s:s, s:o, s:o}}", "token_type",
                           "Bearer", "expires_in", (json_int_t)ttl, "must_change_password",
                           u->must_change, "mfa_enrollment_required", u->mfa_missing, "user",
@@ -172,7 +164,7 @@ static int s_answer_tokens(kp_http_env_t *env, kp_http_resp_t *resp, const s_use
         json_object_set_new(j, "refresh_token", json_string(refresh));
     }
     free(token);
-    s_json_resp(resp, 200, j);
+    kp_http_json_resp(resp, 200, j);
     resp->compressible = false;
     return 0;
 }
@@ -231,7 +223,7 @@ static int s_fail_login(kp_http_env_t *env, const char *user_id, kp_http_resp_t 
 
 int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *body = s_body_json(req, resp);
+    json_t *body = kp_http_json_body(req, resp);
     if (!body) return 0;
     const char *username = s_str(body, "username"), *password = s_str(body, "password");
     if (!username || !password || strlen(username) > 64 || strlen(password) > 1024) {
@@ -241,12 +233,13 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
     }
     const char *p[] = {username};
     PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "SELECT " S_USER_COLS ", u.password_hash, u.disabled, coalesce(u.locked_until "
-                        "> now(), false), coalesce(ceil(extract(epoch FROM u.locked_until - "
-                        "now()) / 60), 0)::int, u.totp_secret, u.totp_last_step, "
-                        "u.recovery_codes::text FROM users u WHERE lower(u.username) = lower($1)",
-                        1, p);
+    int rc =
+        kp_db_exec(env->db, &r,
+                   "SELECT " S_USER_COLS ", u.password_hash, u.disabled, coalesce(u.locked_until "
+                   "> now(), false), coalesce(ceil(extract(epoch FROM u.locked_until - "
+                   "now()) / 60), 0)::int, u.totp_secret, u.totp_last_step, "
+                   "u.recovery_codes::text FROM users u WHERE lower(u.username) = lower($1)",
+                   1, p);
     if (rc) {
         json_decref(body);
         return rc;
@@ -399,7 +392,7 @@ int kp_api_refresh(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t 
     bool from_cookie = false;
     json_t *body = NULL;
     if (req->body && req->body_len) {
-        body = s_body_json(req, resp);
+        body = kp_http_json_body(req, resp);
         if (!body) return 0;
         const char *t = s_str(body, "refresh_token");
         if (t && strlen(t) < sizeof tok) snprintf(tok, sizeof tok, "%s", t);
@@ -527,12 +520,13 @@ int kp_api_me(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp
 {
     const char *p[] = {req->id.user};
     PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "SELECT " S_USER_COLS ", u.email, u.totp_secret IS NOT NULL, "
-                        "coalesce(to_char(u.last_login_at AT TIME ZONE 'UTC', "
-                        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '') FROM users u WHERE lower(u.username) "
-                        "= lower($1)",
-                        1, p);
+    int rc =
+        kp_db_exec(env->db, &r,
+                   "SELECT " S_USER_COLS ", u.email, u.totp_secret IS NOT NULL, "
+                   "coalesce(to_char(u.last_login_at AT TIME ZONE 'UTC', "
+                   "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '') FROM users u WHERE lower(u.username) "
+                   "= lower($1)",
+                   1, p);
     if (rc) return rc;
     if (PQntuples(r) != 1) {
         PQclear(r);
@@ -542,30 +536,32 @@ int kp_api_me(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp
     s_user_t u = {0};
     s_user_from(r, 0, 0, &u);
     json_t *roles = json_array(), *sites = json_array();
-    for (int i = 0; i < u.nroles; i++) json_array_append_new(roles, json_string(u.roles[i]));
-    for (int i = 0; i < u.nsites; i++) json_array_append_new(sites, json_string(u.sites[i]));
+    for (int i = 0; i < u.nroles; i++)
+        json_array_append_new(roles, json_string(u.roles[i]));
+    for (int i = 0; i < u.nsites; i++)
+        json_array_append_new(sites, json_string(u.sites[i]));
     /* the permissions this token grants now (none while restricted) */
     const char *tr[KP_AUTH_MAX_ROLES];
-    for (int i = 0; i < req->id.nroles; i++) tr[i] = req->id.roles[i];
+    for (int i = 0; i < req->id.nroles; i++)
+        tr[i] = req->id.roles[i];
     char *perms = kp_auth_permissions_json(env->auth, tr, req->id.nroles);
     json_t *pj = json_loads(perms, 0, NULL);
     free(perms);
-    json_t *j = json_pack("{s:s, s:s, s:s, s:s, s:o, s:o, s:o, s:b, s:b, s:b, s:s, s:b}",
-                          "username", u.username, "display_name", u.display, "email",
-                          PQgetvalue(r, 0, 8), "language", u.language, "roles", roles, "sites",
-                          sites, "permissions", pj ? pj : json_array(), "site_all",
-                          req->id.site_all, "mfa_enrolled", PQgetvalue(r, 0, 9)[0] == 't',
-                          "must_change_password", u.must_change, "last_login_at",
-                          PQgetvalue(r, 0, 10), "mfa_enrollment_required", u.mfa_missing);
+    json_t *j = json_pack(
+        "{s:s, s:s, s:s, s:s, s:o, s:o, s:o, s:b, s:b, s:b, s:s, s:b}", "username", u.username,
+        "display_name", u.display, "email", PQgetvalue(r, 0, 8), "language", u.language, "roles",
+        roles, "sites", sites, "permissions", pj ? pj : json_array(), "site_all", req->id.site_all,
+        "mfa_enrolled", PQgetvalue(r, 0, 9)[0] == 't', "must_change_password", u.must_change,
+        "last_login_at", PQgetvalue(r, 0, 10), "mfa_enrollment_required", u.mfa_missing);
     s_user_free(&u);
     PQclear(r);
-    s_json_resp(resp, 200, j);
+    kp_http_json_resp(resp, 200, j);
     return 0;
 }
 
 int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *body = s_body_json(req, resp);
+    json_t *body = kp_http_json_body(req, resp);
     if (!body) return 0;
     const char *cur = s_str(body, "current_password"), *nw = s_str(body, "new_password");
     int rc = 0;
@@ -588,8 +584,7 @@ int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
     int vr = kp_password_verify(env->cfg, PQgetvalue(r, 0, 1), cur, NULL);
     PQclear(r);
     if (vr) {
-        s_audit(env, req, req->id.user, "auth.password", false, "reason",
-                "wrong current password");
+        s_audit(env, req, req->id.user, "auth.password", false, "reason", "wrong current password");
         rc = s_fail_login(env, id, resp, KP_EUNAUTH, "the current password is wrong");
         goto out;
     }
@@ -614,15 +609,16 @@ int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
                     "revoked_at = now(), revoked_why = 'password changed' WHERE user_id = "
                     "$1::bigint AND id <> $3 AND revoked_at IS NULL RETURNING id",
                     3, q);
-    for (int i = 0; r && i < PQntuples(r); i++) kp_auth_session_dead(env->auth, PQgetvalue(r, i, 0));
+    for (int i = 0; r && i < PQntuples(r); i++)
+        kp_auth_session_dead(env->auth, PQgetvalue(r, i, 0));
     if (r) PQclear(r);
     free(hash);
     if (rc) goto out;
     kp_info("auth", "%s changed the password", req->id.user);
     s_audit(env, req, req->id.user, "auth.password", true, NULL, NULL);
-    s_json_resp(resp, 200,
-                json_pack("{s:b, s:s}", "ok", 1, "next",
-                          "POST /api/auth/refresh for a token with your roles"));
+    kp_http_json_resp(resp, 200,
+                      json_pack("{s:b, s:s}", "ok", 1, "next",
+                                "POST /api/auth/refresh for a token with your roles"));
 out:
     json_decref(body);
     return rc;
@@ -646,7 +642,7 @@ int kp_api_mfa_setup(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_
         if (rc0) return rc0;
         bool enrolled = PQntuples(r0) == 1 && PQgetvalue(r0, 0, 1)[0] == 't';
         if (enrolled) {
-            json_t *b = req->body && req->body_len ? s_body_json(req, resp) : NULL;
+            json_t *b = req->body && req->body_len ? kp_http_json_body(req, resp) : NULL;
             const char *pw = b ? s_str(b, "password") : NULL;
             bool ok = pw && kp_password_verify(env->cfg, PQgetvalue(r0, 0, 0), pw, NULL) == 0;
             json_decref(b);
@@ -664,8 +660,7 @@ int kp_api_mfa_setup(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_
     }
     uint8_t secret[KP_TOTP_SECRET_LEN];
     char b32[KP_TOTP_SECRET_B32_MAX];
-    if (kp_totp_secret_new(secret) ||
-        kp_totp_secret_base32(secret, sizeof secret, b32, sizeof b32))
+    if (kp_totp_secret_new(secret) || kp_totp_secret_base32(secret, sizeof secret, b32, sizeof b32))
         return KP_EINTERNAL;
     memset(secret, 0, sizeof secret);
     const char *p[] = {req->id.user, b32};
@@ -679,11 +674,11 @@ int kp_api_mfa_setup(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_
     PQclear(r);
     char *uri = kp_totp_uri(env->cfg->auth_totp_issuer, req->id.user, b32);
     char *qr = uri ? kp_totp_qr_svg(uri, 4) : NULL;
-    s_json_resp(resp, 200,
-                json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:s}", "secret", b32, "otpauth_uri",
-                          uri ? uri : "", "qr_svg", qr ? qr : "", "digits", KP_TOTP_DIGITS,
-                          "period", KP_TOTP_PERIOD, "replaces_existing", already, "next",
-                          "POST /api/auth/mfa/confirm with {\"code\": \"123456\"}"));
+    kp_http_json_resp(resp, 200,
+                      json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:s}", "secret", b32, "otpauth_uri",
+                                uri ? uri : "", "qr_svg", qr ? qr : "", "digits", KP_TOTP_DIGITS,
+                                "period", KP_TOTP_PERIOD, "replaces_existing", already, "next",
+                                "POST /api/auth/mfa/confirm with {\"code\": \"123456\"}"));
     free(qr);
     free(uri);
     return 0;
@@ -693,7 +688,7 @@ int kp_api_mfa_setup(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_
  * recovery codes are issued (shown this once; stored hashed). */
 int kp_api_mfa_confirm(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *body = s_body_json(req, resp);
+    json_t *body = kp_http_json_body(req, resp);
     if (!body) return 0;
     const char *code = s_str(body, "code");
     const char *p[] = {req->id.user};
@@ -746,14 +741,16 @@ int kp_api_mfa_confirm(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     if (r) PQclear(r);
     if (rc) goto out;
     json_t *list = json_array();
-    for (int i = 0; i < KP_TOTP_RECOVERY_COUNT; i++) json_array_append_new(list, json_string(codes[i]));
+    for (int i = 0; i < KP_TOTP_RECOVERY_COUNT; i++)
+        json_array_append_new(list, json_string(codes[i]));
     memset(codes, 0, sizeof codes);
     kp_info("auth", "%s enrolled a second factor", req->id.user);
     s_audit(env, req, req->id.user, "auth.mfa", true, "change", "enrolled");
-    s_json_resp(resp, 200,
-                json_pack("{s:b, s:o, s:s}", "enrolled", 1, "recovery_codes", list, "note",
-                          "store the recovery codes somewhere safe: each works once, they are "
-                          "not shown again"));
+    kp_http_json_resp(
+        resp, 200,
+        json_pack("{s:b, s:o, s:s}", "enrolled", 1, "recovery_codes", list, "note",
+                  "store the recovery codes somewhere safe: each works once, they are "
+                  "not shown again"));
 out:
     json_decref(body);
     return rc;
@@ -763,7 +760,7 @@ out:
  * account requires one: an administrator resets it instead with pacsctl user reset-mfa). */
 int kp_api_mfa_disable(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *body = s_body_json(req, resp);
+    json_t *body = kp_http_json_body(req, resp);
     if (!body) return 0;
     const char *pw = s_str(body, "password");
     const char *p[] = {req->id.user};

@@ -102,7 +102,8 @@ int64_t kp_http_resp_length(const kp_http_resp_t *resp)
 
 void kp_http_resp_clear(kp_http_resp_t *resp)
 {
-    for (int i = 0; i < resp->nset_cookie; i++) free(resp->set_cookie[i]);
+    for (int i = 0; i < resp->nset_cookie; i++)
+        free(resp->set_cookie[i]);
     free(resp->body);
     free(resp->warning);
     s_segs_free(resp);

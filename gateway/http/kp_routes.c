@@ -106,7 +106,7 @@ static int s_qido_series_instances(kp_http_env_t *e, const kp_http_req_t *r, kp_
 #define S_MD_FROM                                                                                  \
     " FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = "          \
     "se.study_pk WHERE st.study_uid = $1 AND ($2::text IS NULL OR se.series_uid = $2) AND "        \
-    "($3::text IS NULL OR i.sop_uid = $3) AND ($4::text[] IS NULL OR st.site_id IN (SELECT id "     \
+    "($3::text IS NULL OR i.sop_uid = $3) AND ($4::text[] IS NULL OR st.site_id IN (SELECT id "    \
     "FROM sites WHERE name = ANY($4::text[])))"
 
 static bool s_etag_matches(const char *inm, const char *etag)
@@ -134,9 +134,9 @@ static bool s_not_modified_since(const char *ims, const char *lm)
 static void s_metadata_answer(const kp_http_req_t *req, kp_http_resp_t *resp, char *body,
                               size_t len)
 {
-    bool fresh = req->if_none_match ? s_etag_matches(req->if_none_match, resp->etag)
-                                    : s_not_modified_since(req->if_modified_since,
-                                                           resp->last_modified);
+    bool fresh = req->if_none_match
+                     ? s_etag_matches(req->if_none_match, resp->etag)
+                     : s_not_modified_since(req->if_modified_since, resp->last_modified);
     if (fresh) {
         free(body);
         resp->status = 304;
@@ -156,8 +156,7 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
 {
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
-                             req->nparams > 2 ? req->params[2] : NULL,
-                             s_sites(req, sb, sizeof sb)};
+                             req->nparams > 2 ? req->params[2] : NULL, s_sites(req, sb, sizeof sb)};
     kp_mdcache_t *mc = env->mdcache;
     uint64_t gen = 0;
     /* The cache key holds the site restriction: a response built for a user who sees every
@@ -198,9 +197,9 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
         resp->last_modified[0] = 0;
         return 0;
     }
-    if (!mc && (req->if_none_match ? s_etag_matches(req->if_none_match, resp->etag)
-                                   : s_not_modified_since(req->if_modified_since,
-                                                          resp->last_modified))) {
+    if (!mc &&
+        (req->if_none_match ? s_etag_matches(req->if_none_match, resp->etag)
+                            : s_not_modified_since(req->if_modified_since, resp->last_modified))) {
         resp->status = 304;
         return 0;
     }
@@ -214,8 +213,7 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
     if (!body) abort();
     PQclear(res);
     if (mc)
-        kp_mdcache_put(mc, key, req->params[0], gen, body, len, resp->etag,
-                       resp->last_modified);
+        kp_mdcache_put(mc, key, req->params[0], gen, body, len, resp->etag, resp->last_modified);
     s_metadata_answer(req, resp, body, len);
     return 0;
 }
@@ -230,9 +228,9 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
 #define TS_IMPLICIT_LE "1.2.840.10008.1.2"
 
 /* What whole instances can be transcoded to (DCMTK codecs), in the order a default is picked. */
-static const char *const s_dicom_producible[] = {
-    TS_EXPLICIT_LE,           TS_IMPLICIT_LE,        "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", NULL};
+static const char *const s_dicom_producible[] = {TS_EXPLICIT_LE,           TS_IMPLICIT_LE,
+                                                 "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.70",
+                                                 "1.2.840.10008.1.2.5",    NULL};
 /* What frames can be decoded to. */
 static const char *const s_frame_producible[] = {TS_EXPLICIT_LE, TS_IMPLICIT_LE, NULL};
 
@@ -291,23 +289,11 @@ static int s_query(const char *query, const char *name, char *out, size_t outlen
         const char *e = strchr(p, '&');
         size_t len = e ? (size_t)(e - p) : strlen(p);
         if (len > nl && p[nl] == '=' && !strncmp(p, name, nl)) {
-            size_t k = 0;
-            for (size_t i = nl + 1; i < len; i++) {
-                char c = p[i];
-                if (c == '%') {
-                    if (i + 2 >= len) return -1;
-                    char hx[3] = {p[i + 1], p[i + 2], 0};
-                    if (strspn(hx, "0123456789abcdefABCDEF") != 2) return -1;
-                    c = (char)strtol(hx, NULL, 16);
-                    i += 2;
-                } else if (c == '+') {
-                    c = ' ';
-                }
-                if (k + 1 >= outlen || c == 0) return -1;
-                out[k++] = c;
-            }
-            out[k] = 0;
-            return 1;
+            size_t vl = len - nl - 1; /* the raw value, then decoded in place (kp_qido's rules) */
+            if (vl >= outlen) return -1;
+            memcpy(out, p + nl + 1, vl);
+            out[vl] = 0;
+            return kp_qido_url_decode(out) ? 1 : -1;
         }
         if (!e) break;
         p = e + 1;
@@ -324,8 +310,7 @@ static int s_retrieve(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
 {
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
-                             req->nparams > 2 ? req->params[2] : NULL,
-                             s_sites(req, sb, sizeof sb)};
+                             req->nparams > 2 ? req->params[2] : NULL, s_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, i.transfer_syntax_uid, i.sop_uid" S_MD_FROM
@@ -339,7 +324,10 @@ static int s_retrieve(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
         const char *what = params[2] ? "instance" : params[1] ? "series" : "study";
         char msg[64];
         snprintf(msg, sizeof msg, "no such %s", what);
-        kp_http_error(resp, KP_ENOTFOUND, 0, msg, params[2] ? params[2] : params[1] ? params[1] : params[0]);
+        kp_http_error(resp, KP_ENOTFOUND, 0, msg,
+                      params[2]   ? params[2]
+                      : params[1] ? params[1]
+                                  : params[0]);
         return 0;
     }
     for (int r = 0; r < n && !rc; r++) {
@@ -361,7 +349,8 @@ static int s_retrieve(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
         if (!path) break;
         char head[256];
         snprintf(head, sizeof head,
-                 "%s--" S_BOUNDARY "\r\nContent-Type: application/dicom; transfer-syntax=%s\r\n\r\n",
+                 "%s--" S_BOUNDARY
+                 "\r\nContent-Type: application/dicom; transfer-syntax=%s\r\n\r\n",
                  r ? "\r\n" : "", want);
         if (want == ts) {
             kp_http_seg_str(resp, head);
@@ -465,11 +454,11 @@ static int s_frames(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
     rc = 0;
     /* Native pixel data without a file offset (a deflated data set): decoded by DCMTK. */
     bool inflate = !in.has_pixels && kp_frames_native(in.ts);
-    const char *want = inflate ? (kp_frames_choose(req->accept, TS_EXPLICIT_LE, "frames",
-                                                   s_frame_producible)
-                                      ? s_frame_producible[0]
-                                      : NULL)
-                               : kp_frames_choose(req->accept, in.ts, "frames", s_frame_producible);
+    const char *want =
+        inflate ? (kp_frames_choose(req->accept, TS_EXPLICIT_LE, "frames", s_frame_producible)
+                       ? s_frame_producible[0]
+                       : NULL)
+                : kp_frames_choose(req->accept, in.ts, "frames", s_frame_producible);
     if (!want) {
         kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
                       "frames can be sent as stored (transfer-syntax=*, or the stored syntax's "
@@ -491,8 +480,8 @@ static int s_frames(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
     if (!decode && !ranges) abort();
     for (int f = 0; f < nf && !rc; f++) {
         char head[256];
-        snprintf(head, sizeof head, "--" S_BOUNDARY "\r\nContent-Type: %s; transfer-syntax=%s\r\n\r\n",
-                 media, want);
+        snprintf(head, sizeof head,
+                 "--" S_BOUNDARY "\r\nContent-Type: %s; transfer-syntax=%s\r\n\r\n", media, want);
         if (decode) {
             kp_buf_t buf = {0};
             rc = kp_image_frame(path, frames[f], &buf);
@@ -547,7 +536,8 @@ static int s_frames(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
 static int s_range(const char *h, int64_t total, int64_t *from, int64_t *to)
 {
     if (!h) return 0;
-    while (*h == ' ') h++;
+    while (*h == ' ')
+        h++;
     if (strncmp(h, "bytes=", 6) || strchr(h, ',')) return 0;
     const char *p = h + 6;
     char *e;
@@ -659,8 +649,8 @@ static int s_render_opts(const kp_http_req_t *req, kp_http_resp_t *resp, bool th
     if (s_query(req->query, "accept", qa, sizeof qa) == 1) accept = qa;
     o->fmt = KP_IMAGE_JPEG;
     if (accept && *accept) {
-        bool jpeg = strstr(accept, "image/jpeg") || strstr(accept, "*/*") ||
-                    strstr(accept, "image/*");
+        bool jpeg =
+            strstr(accept, "image/jpeg") || strstr(accept, "*/*") || strstr(accept, "image/*");
         bool png = strstr(accept, "image/png") != NULL;
         if (png && (!jpeg || strstr(accept, "image/png") < strstr(accept, "image/jpeg")))
             o->fmt = KP_IMAGE_PNG;
@@ -753,8 +743,7 @@ static int s_render_one(kp_http_env_t *env, const char *rel, kp_render_opts_t *o
 }
 
 /* .../instances/{i}/rendered and /thumbnail, .../frames/{f}/rendered and /thumbnail. */
-static int s_rendered_instance(kp_http_env_t *env, const kp_http_req_t *req,
-                               kp_http_resp_t *resp)
+static int s_rendered_instance(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     bool thumb = strstr(req->path, "/thumbnail") != NULL;
     kp_render_opts_t o;
@@ -804,7 +793,8 @@ static int s_rendered_group(kp_http_env_t *env, const kp_http_req_t *req, kp_htt
     }
     if (thumb) {
         int last = 0; /* the rows of the first series */
-        while (last + 1 < n && !strcmp(PQgetvalue(res, last + 1, 1), PQgetvalue(res, 0, 1))) last++;
+        while (last + 1 < n && !strcmp(PQgetvalue(res, last + 1, 1), PQgetvalue(res, 0, 1)))
+            last++;
         char rel[KP_STORAGE_RELPATH_MAX + 8];
         snprintf(rel, sizeof rel, "%s", PQgetvalue(res, last / 2, 0));
         PQclear(res);
@@ -839,13 +829,14 @@ static int s_rendered_group(kp_http_env_t *env, const kp_http_req_t *req, kp_htt
     }
     if (!done) {
         kp_http_resp_clear(resp);
-        kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL, "none of these images can be rendered here");
+        kp_http_error(resp, KP_ENOTACCEPTABLE, 0, NULL,
+                      "none of these images can be rendered here");
         return 0;
     }
     kp_http_seg_str(resp, "\r\n--" S_BOUNDARY "--\r\n");
     resp->status = 200;
-    snprintf(resp->ctype, sizeof resp->ctype, "multipart/related; type=\"%s\"; boundary=" S_BOUNDARY,
-             media);
+    snprintf(resp->ctype, sizeof resp->ctype,
+             "multipart/related; type=\"%s\"; boundary=" S_BOUNDARY, media);
     resp->content_type = resp->ctype;
     return 0;
 }
@@ -854,10 +845,10 @@ static int s_rendered_group(kp_http_env_t *env, const kp_http_req_t *req, kp_htt
 
 typedef struct {
     kp_http_env_t *env;
-    char **tmp;   /* temp file per part ("" path for a part that failed before ingest) */
-    char **why;   /* per part: NULL, or why it failed before ingest */
+    char **tmp; /* temp file per part ("" path for a part that failed before ingest) */
+    char **why; /* per part: NULL, or why it failed before ingest */
     int nparts, cap;
-    int fd;       /* of the current part */
+    int fd; /* of the current part */
     int64_t part_bytes;
     bool bad_type;
 } s_stow_t;
@@ -946,7 +937,8 @@ static int s_stow(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
         return 0;
     }
     if (rc) {
-        kp_http_error(resp, KP_EINVAL, 0, "bad Content-Type", "the multipart boundary is missing or invalid");
+        kp_http_error(resp, KP_EINVAL, 0, "bad Content-Type",
+                      "the multipart boundary is missing or invalid");
         return 0;
     }
     if (!req->body || !req->body_len) {
@@ -954,10 +946,8 @@ static int s_stow(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
         return 0;
     }
     s_stow_t st = {.env = env, .fd = -1};
-    kp_multipart_cb_t cb = {.part_begin = s_stow_begin,
-                            .part_data = s_stow_data,
-                            .part_end = s_stow_end,
-                            .user = &st};
+    kp_multipart_cb_t cb = {
+        .part_begin = s_stow_begin, .part_data = s_stow_data, .part_end = s_stow_end, .user = &st};
     kp_multipart_t *mp = kp_multipart_new(boundary, &cb, KP_MULTIPART_HEADER_DEFAULT);
     if (!mp) abort();
     rc = kp_multipart_feed(mp, (const unsigned char *)req->body, req->body_len);
@@ -1025,7 +1015,8 @@ static int s_stow(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
             unsigned reason = kp_error_dimse(rcs[i]);
             if (rcs[i] == KP_EUNSUPPORTED) reason = 0xC000;
             if (rcs[i] == KP_EDB || rcs[i] == KP_EIO || rcs[i] == KP_EAGAIN) transient = true;
-            json_object_set_new(item, "00081197", json_pack("{s:s, s:[i]}", "vr", "US", "Value", (int)reason));
+            json_object_set_new(item, "00081197",
+                                json_pack("{s:s, s:[i]}", "vr", "US", "Value", (int)reason));
             json_array_append_new(failed, item);
             const char *why = res[i].reason ? res[i].reason : kp_strerror(rcs[i]);
             kp_info("stow", "part %d failed: %s", i + 1, why);
@@ -1043,10 +1034,14 @@ static int s_stow(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
         snprintf(url, sizeof url, "%s/dicom-web/studies/%s", req->origin ? req->origin : "", study);
         json_object_set_new(root, "00081190", s_json_str("UR", url));
     }
-    if (nfail) json_object_set_new(root, "00081198", json_pack("{s:s, s:o}", "vr", "SQ", "Value", failed));
-    else json_decref(failed);
-    if (nok) json_object_set_new(root, "00081199", json_pack("{s:s, s:o}", "vr", "SQ", "Value", ok));
-    else json_decref(ok);
+    if (nfail)
+        json_object_set_new(root, "00081198", json_pack("{s:s, s:o}", "vr", "SQ", "Value", failed));
+    else
+        json_decref(failed);
+    if (nok)
+        json_object_set_new(root, "00081199", json_pack("{s:s, s:o}", "vr", "SQ", "Value", ok));
+    else
+        json_decref(ok);
     resp->body = json_dumps(root, JSON_COMPACT);
     json_decref(root);
     if (!resp->body) abort();
@@ -1089,7 +1084,8 @@ static int s_wado_uri(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
     if (q == 0) snprintf(ctype, sizeof ctype, "image/jpeg"); /* the standard's default */
     kp_http_req_t sub = *req; /* same request, the UIDs as path parameters */
     sub.nparams = 3;
-    for (int i = 0; i < 3; i++) snprintf(sub.params[i], sizeof sub.params[i], "%.64s", uids[i]);
+    for (int i = 0; i < 3; i++)
+        snprintf(sub.params[i], sizeof sub.params[i], "%.64s", uids[i]);
     s_inst_t in;
     int rc = s_find_instance(env, &sub, resp, &in);
     if (rc <= 0) return rc;
@@ -1141,7 +1137,9 @@ static int s_wado_uri(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
             char *e;
             iv[i] = strtol(v, &e, 10);
             if (e == v || *e || iv[i] < (i == 0 ? 1 : 0) ||
-                iv[i] > (i == 3 ? 100 : i == 0 ? 1000000 : KP_IMAGE_MAX_RENDER_DIM))
+                iv[i] > (i == 3   ? 100
+                         : i == 0 ? 1000000
+                                  : KP_IMAGE_MAX_RENDER_DIM))
                 goto bad;
         }
     }
@@ -1186,8 +1184,7 @@ static const kp_route_t s_routes[] = {
      s_qido_series_instances},
     {"GET", "/dicom-web/studies/{study}/series/{series}/metadata", "study.read", s_metadata},
     {"GET", "/dicom-web/studies/{study}/series/{series}/rendered", "study.read", s_rendered_group},
-    {"GET", "/dicom-web/studies/{study}/series/{series}/thumbnail", "study.read",
-     s_rendered_group},
+    {"GET", "/dicom-web/studies/{study}/series/{series}/thumbnail", "study.read", s_rendered_group},
     {"GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}", "study.download",
      s_retrieve},
     {"GET", "/dicom-web/studies/{study}/series/{series}/instances/{instance}/metadata",
@@ -1249,7 +1246,7 @@ static const kp_route_t s_routes[] = {
  * API). study.view (metadata, frames, rendered, bulk data) is recorded once per user and study
  * within S_VIEW_WINDOW seconds: a viewer fetches hundreds of frames for one look at a study. */
 #define S_VIEW_WINDOW 300
-#define S_VIEW_SLOTS 2048
+#define S_VIEW_SLOTS  2048
 
 static struct {
     pthread_mutex_t mu;
@@ -1265,7 +1262,8 @@ static bool s_viewed_recently(const char *user, const char *study)
     char key[160];
     snprintf(key, sizeof key, "%.72s|%.72s", user, study);
     size_t h = 5381;
-    for (const char *p = key; *p; p++) h = h * 33 + (unsigned char)*p;
+    for (const char *p = key; *p; p++)
+        h = h * 33 + (unsigned char)*p;
     time_t now = time(NULL);
     pthread_mutex_lock(&s_views.mu);
     bool recent = !strcmp(s_views.slot[h % S_VIEW_SLOTS].key, key) &&
@@ -1290,7 +1288,8 @@ void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http
     if (!r || !req->id.authenticated || resp->status >= 400 || resp->status == 304) return;
     const char *perm = r->permission, *action = NULL;
     char study[72] = "";
-    if (!strncmp(r->pattern, "/dicom-web/studies/{study}", 26)) snprintf(study, sizeof study, "%s", req->params[0]);
+    if (!strncmp(r->pattern, "/dicom-web/studies/{study}", 26))
+        snprintf(study, sizeof study, "%s", req->params[0]);
     if (!strcmp(r->pattern, "/wado")) {
         if (s_query(req->query, "studyUID", study, sizeof study) != 1) study[0] = 0;
     }
@@ -1336,7 +1335,8 @@ void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http
     if (study[0]) {
         const char *p[] = {study};
         PGresult *res = NULL;
-        if (!kp_db_exec(env->db, &res, "SELECT patient_id FROM studies WHERE study_uid = $1", 1, p) &&
+        if (!kp_db_exec(env->db, &res, "SELECT patient_id FROM studies WHERE study_uid = $1", 1,
+                        p) &&
             PQntuples(res) == 1)
             snprintf(pid, sizeof pid, "%s", PQgetvalue(res, 0, 0));
         if (res) PQclear(res);
@@ -1348,7 +1348,8 @@ void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http
                            .patient_id = pid[0] ? pid : NULL,
                            .study_uid = study[0] ? study : NULL,
                            .detail = d};
-    if (kp_audit_emit(env->db, NULL, &ev)) kp_warn("audit", "%s by %s not recorded", action, req->id.user);
+    if (kp_audit_emit(env->db, NULL, &ev))
+        kp_warn("audit", "%s by %s not recorded", action, req->id.user);
     json_decref(d);
 }
 
@@ -1398,8 +1399,7 @@ static int s_match(const char *pattern, const char *path, size_t pathlen,
              * segment that cannot be a name ("..", "a b") matches nothing: 404. */
             static const char an[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                                      "0123456789";
-            if (sl == 0 || sl > 64 || n >= KP_HTTP_MAX_PARAMS ||
-                !memchr(an, s[0], sizeof an - 1))
+            if (sl == 0 || sl > 64 || n >= KP_HTTP_MAX_PARAMS || !memchr(an, s[0], sizeof an - 1))
                 return -1;
             for (size_t k = 1; k < sl; k++)
                 if (!memchr(an, s[k], sizeof an - 1) && !memchr("_.@-", s[k], 4)) return -1;

@@ -90,14 +90,14 @@ static struct {
     pthread_t *workers;
     kp_db_t **dbs;
     int nworkers;
-    kp_storage_t *st;  /* stored files; STOW-RS temp files */
-    kp_ingest_t *ing;  /* the durable store path shared with pacs-dicomd (STOW-RS) */
+    kp_storage_t *st;      /* stored files; STOW-RS temp files */
+    kp_ingest_t *ing;      /* the durable store path shared with pacs-dicomd (STOW-RS) */
     kp_mdcache_t *mdcache; /* WADO-RS metadata responses (NULL when disabled) */
     kp_auth_t *auth;       /* tokens, permissions, sessions */
     kp_ratelimit_t *rl_login, *rl_api; /* token buckets: login attempts, the REST API */
-    pthread_t reloader;    /* reloads the role -> permission snapshot */
+    pthread_t reloader;                /* reloads the role -> permission snapshot */
     bool reloader_started;
-    pthread_t events;      /* study.changed subscriber: invalidates the metadata cache */
+    pthread_t events; /* study.changed subscriber: invalidates the metadata cache */
     bool events_started;
     int queued; /* jobs waiting for a worker */
 } s_g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -241,7 +241,7 @@ static void s_static_headers(h2o_req_t *req)
  * study. The files are opened here, one at a time; a file whose size differs from the one the
  * worker saw (replaced meanwhile) aborts the response rather than send a wrong Content-Length. */
 #define S_STREAM_CHUNK (1 << 20)
-#define S_STREAM_VECS 16
+#define S_STREAM_VECS  16
 
 typedef struct s_stream {
     h2o_generator_t super;
@@ -338,7 +338,8 @@ static const char *s_cors_origin(h2o_req_t *req, char *buf, size_t buflen)
     buf[o.len] = 0;
     if (!strcmp(list, "*")) return buf;
     for (const char *p = list; *p;) {
-        while (*p == ' ' || *p == ',') p++;
+        while (*p == ' ' || *p == ',')
+            p++;
         size_t l = strcspn(p, ", ");
         if (l == o.len && !strncasecmp(p, buf, l)) return buf;
         p += l;
@@ -373,7 +374,8 @@ static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
     req->res.reason = s_reason(r->status);
     s_security_headers(req, tls);
     s_cors_headers(req);
-    if (r->content_type && r->status != 304) s_add_header_copy(req, H2O_TOKEN_CONTENT_TYPE, r->content_type);
+    if (r->content_type && r->status != 304)
+        s_add_header_copy(req, H2O_TOKEN_CONTENT_TYPE, r->content_type);
     if (r->etag[0]) s_add_header_copy(req, H2O_TOKEN_ETAG, r->etag);
     if (r->last_modified[0]) s_add_header_copy(req, H2O_TOKEN_LAST_MODIFIED, r->last_modified);
     if (r->content_range[0]) s_add_header_copy(req, H2O_TOKEN_CONTENT_RANGE, r->content_range);
@@ -492,8 +494,12 @@ static void s_token_dispose(void *p)
 
 static void *s_worker_main(void *arg)
 {
-    kp_http_env_t env = {.db = (kp_db_t *)arg, .cfg = s_g.cfg, .st = s_g.st, .ing = s_g.ing,
-                         .mdcache = s_g.mdcache, .auth = s_g.auth};
+    kp_http_env_t env = {.db = (kp_db_t *)arg,
+                         .cfg = s_g.cfg,
+                         .st = s_g.st,
+                         .ing = s_g.ing,
+                         .mdcache = s_g.mdcache,
+                         .auth = s_g.auth};
     for (;;) {
         pthread_mutex_lock(&s_g.mu);
         while (!s_g.head && !s_g.stopping)
@@ -657,7 +663,8 @@ static bool s_same_origin(h2o_req_t *req)
         h.len == strlen(csrf) && h.len >= 16 && !memcmp(h.base, csrf, h.len))
         return true;
     if (s_header_value(req, NULL, "origin", &o) && o.len == 8 + req->authority.len &&
-        !memcmp(o.base, "https://", 8) && !memcmp(o.base + 8, req->authority.base, req->authority.len))
+        !memcmp(o.base, "https://", 8) &&
+        !memcmp(o.base + 8, req->authority.base, req->authority.len))
         return true;
     return false;
 }
@@ -730,10 +737,7 @@ static bool s_rate_limited(h2o_req_t *req, s_job_t *job, int *retry)
     if (strncmp(path, "/api/", 5)) return false;
     double now = s_now();
     char key[160];
-    struct sockaddr_storage sa;
-    char peer[64] = "";
-    socklen_t sl = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&sa);
-    if (!sl || h2o_socket_getnumerichost((struct sockaddr *)&sa, sl, peer) == SIZE_MAX) peer[0] = 0;
+    const char *peer = job->in.peer; /* filled by s_on_req before the limits are checked */
     if (!strcmp(path, "/api/auth/login")) {
         snprintf(key, sizeof key, "ip:%s", peer);
         if (!kp_ratelimit_take(s_g.rl_login, key, now, retry)) return true;
@@ -822,7 +826,8 @@ static void *s_reloader_main(void *arg)
         struct timespec ts = {0, 200 * 1000 * 1000};
         nanosleep(&ts, NULL);
         if (s_now() < next) continue;
-        if (kp_auth_reload(s_g.auth, db)) kp_warn("auth", "cannot reload roles; keeping the old ones");
+        if (kp_auth_reload(s_g.auth, db))
+            kp_warn("auth", "cannot reload roles; keeping the old ones");
         next = s_now() + (double)every;
     }
     kp_db_destroy(&db);
@@ -884,6 +889,12 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     }
     /* Who asks, and may they: token (bearer or cookie) verified here (CPU only), the route's
      * permission checked against the roles; the session's liveness is checked by the worker. */
+    {
+        struct sockaddr_storage sa;
+        socklen_t sl = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&sa);
+        if (!sl || h2o_socket_getnumerichost((struct sockaddr *)&sa, sl, job->in.peer) == SIZE_MAX)
+            job->in.peer[0] = 0;
+    }
     int deny = s_authorize(req, method, job);
     int retry = 0;
     if (!deny && s_rate_limited(req, job, &retry)) {
@@ -934,12 +945,7 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
         job->in.user_agent = s_strndup(hv.base, hv.len < 256 ? hv.len : 256);
     if (s_header_value(req, H2O_TOKEN_COOKIE, NULL, &hv))
         job->in.cookie = s_strndup(hv.base, hv.len < 8192 ? hv.len : 8192);
-    {
-        struct sockaddr_storage sa;
-        socklen_t sl = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&sa);
-        if (sl && h2o_socket_getnumerichost((struct sockaddr *)&sa, sl, job->in.peer) == SIZE_MAX)
-            job->in.peer[0] = 0;
-    }
+
     {
         size_t al = req->authority.len < 256 ? req->authority.len : 0;
         bool ok = al > 0;
@@ -1046,8 +1052,8 @@ static void *s_loop_main(void *arg)
     L->loop = h2o_evloop_create();
     h2o_context_init(&L->ctx, L->loop, &s_g.globalconf);
     h2o_multithread_register_receiver(L->ctx.queue, &L->receiver, s_on_messages);
-    L->accept_tls = (h2o_accept_ctx_t){
-        .ctx = &L->ctx, .hosts = s_g.globalconf.hosts, .ssl_ctx = s_g.ssl_ctx};
+    L->accept_tls =
+        (h2o_accept_ctx_t){.ctx = &L->ctx, .hosts = s_g.globalconf.hosts, .ssl_ctx = s_g.ssl_ctx};
     L->accept_plain = (h2o_accept_ctx_t){.ctx = &L->ctx, .hosts = s_g.globalconf.hosts};
     L->listen_tls = h2o_evloop_socket_create(L->loop, L->fd_tls, H2O_SOCKET_FLAG_DONT_READ);
     L->listen_tls->data = L;
