@@ -71,8 +71,9 @@ def test_upload_and_admin_changes_are_recorded(gw):
     st, h, b = gw.https("POST", "/api/sites", {"Content-Type": "application/json"},
                         json.dumps({"name": "east", "description": "East wing"}))
     assert st == 201, b
-    got = rows(gw, 1, gw.ADMIN)
-    up = [r for r in got if r[0] == "study.upload"]
+    kp.wait_for(lambda: any(r[0] == "study.upload" for r in rows(gw, 1, gw.ADMIN)), 30,
+                "the upload recorded")
+    up = [r for r in rows(gw, 1, gw.ADMIN) if r[0] == "study.upload"]
     assert up and up[0][3] == pydicom.dcmread(MR).StudyInstanceUID
     assert up[0][5]["stored"] == 1 and up[0][5]["failed"] == 0
     kp.wait_for(lambda: any(r[0] == "admin.site" for r in rows(gw, 1, gw.ADMIN)), 30,
