@@ -28,7 +28,8 @@ INCLUDES  := -Ilib -Ilib/dicom -Ibus -Iworkers/common
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g $(OPT) -MMD -MP $(INCLUDES) $(PKG_CFLAGS) $(SANFLAGS)
 CXXFLAGS  += -std=c++17 -Wall -Wextra -Werror -g $(OPT) -MMD -MP $(INCLUDES) $(SANFLAGS)
 LDFLAGS   += $(SANFLAGS) -pthread
-LDLIBS    := $(PKG_LIBS) $(DCMTK_LIBS) -lz -lm
+# libharu (PDF reports, lib/kp_pdf.c) has no pkg-config file on Debian
+LDLIBS    := $(PKG_LIBS) $(DCMTK_LIBS) -lhpdf -lz -lm
 
 LIB_C     := $(wildcard lib/*.c bus/*.c workers/common/*.c)
 LIB_CXX   := $(wildcard lib/dicom/*.cc)
@@ -37,7 +38,8 @@ LIBKP     := $(BUILD)/libkp.a
 
 # binary name : source directory
 PROGRAMS  := pacs-busd:bus/busd pacs-dicomd:gateway/dimse pacs-indexer:workers/indexer \
-             pacs-auditor:workers/auditor \
+             pacs-auditor:workers/auditor pacs-reporter:workers/reporter \
+             pacs-compressor:workers/compressor \
              pacsctl:tools/pacsctl pacs-gateway:gateway/http
 prog_name = $(word 1,$(subst :, ,$1))
 prog_dir  = $(word 2,$(subst :, ,$1))
@@ -46,8 +48,10 @@ BINS      := $(foreach p,$(PROGRAMS),$(BUILD)/bin/$(call prog_name,$p))
 UNIT_SRC  := $(shell find tests/unit -name 'test_*.c' 2>/dev/null | sort)
 UNIT_BINS := $(patsubst %.c,$(BUILD)/tests/%,$(notdir $(UNIT_SRC)))
 
-.PHONY: all run test asan fuzz fuzz-run bench fmt clean deps unit ohif
+.PHONY: all bins run test asan fuzz fuzz-run bench fmt clean deps unit ohif
 all: $(BINS) $(UNIT_BINS) ohif
+# the programs and the viewer only (what compose/Dockerfile builds: no test libraries needed)
+bins: $(BINS) ohif
 
 # The OHIF viewer pacs-gateway serves at / (http.ohif_dir): the pinned @ohif/app build from the
 # npm registry, fetched once into build/ohif/dist (never committed). Offline, make goes on and
@@ -78,11 +82,12 @@ $(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
 $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
-UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o)
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o kp_api_health.o kp_api_reports.o kp_metrics.o)
 UNIT_EXTRA_test_mdcache := $(BUILD)/obj/gateway/http/kp_mdcache.o
 UNIT_EXTRA_test_ratelimit := $(BUILD)/obj/gateway/http/kp_ratelimit.o
 UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o
 UNIT_EXTRA_test_multipart := $(BUILD)/obj/gateway/http/kp_multipart.o
+UNIT_EXTRA_test_metrics := $(BUILD)/obj/gateway/http/kp_metrics.o
 UNIT_EXTRA_test_find_sql := $(BUILD)/obj/gateway/dimse/kp_find_sql.o
 $(BUILD)/obj/tests/unit/dimse/%.o: CFLAGS += -Igateway/dimse
 

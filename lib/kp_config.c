@@ -247,6 +247,10 @@ int kp_config_load(kp_config_t *cfg, const char *path, char *err, size_t errlen)
         snprintf(err, errlen, "log.level: unknown level '%s'", cfg->log_level);
         return KP_ECONFIG;
     }
+    if (kp_log_set_format(cfg->log_format)) {
+        snprintf(err, errlen, "log.format: unknown format '%s'", cfg->log_format);
+        return KP_ECONFIG;
+    }
     return 0;
 }
 

@@ -22,7 +22,8 @@ typedef struct kp_ingest_pending {
     char sop[72];
     int64_t size;
     char ae[20];
-    int rc; /* result, valid once done */
+    char rid[40]; /* request id, or "" */
+    int rc;       /* result, valid once done */
     bool done;
     struct kp_ingest_pending *next;
 } s_pending_t;
@@ -65,18 +66,9 @@ static void s_publish(kp_ingest_t *g, PGresult *r)
 /* Makes a group durable: the outbox INSERT (one statement, one WAL flush) is sent first and the
  * directory fsyncs run while PostgreSQL commits, so the two flushes overlap. Only when both
  * succeeded is the group acknowledged. */
-static int s_commit_group(kp_ingest_t *g, s_pending_t **items, size_t n)
+/* Sends the outbox insert of one group (pipelined: the caller fsyncs directories meanwhile). */
+static int s_send_insert(kp_ingest_t *g, const char *const *params)
 {
-    json_t *arr = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr, json_pack("{s:s, s:s, s:I, s:s}", "path", items[i]->rel, "sop",
-                                             items[i]->sop, "size", (json_int_t)items[i]->size,
-                                             "ae", items[i]->ae));
-    char *payloads = json_dumps(arr, JSON_COMPACT);
-    json_decref(arr);
-    char lease[16];
-    snprintf(lease, sizeof lease, "%ld", g->cfg->jobs_lease);
-    const char *params[] = {payloads, lease};
     int rc = kp_db_ensure(g->db);
     PGconn *conn = kp_db_conn(g->db);
     if (!rc &&
@@ -88,19 +80,19 @@ static int s_commit_group(kp_ingest_t *g, s_pending_t **items, size_t n)
         kp_error("db", "cannot send the outbox insert: %s", PQerrorMessage(conn));
         rc = KP_EDB;
     }
-    free(payloads);
-    int dir_rc = 0;
-    for (size_t i = 0; i < n && !dir_rc; i++) { /* one fsync per distinct directory */
-        bool seen = false;
-        for (size_t j = 0; j < i && !seen; j++)
-            seen = !strncmp(items[i]->rel, items[j]->rel, 5);
-        if (!seen) dir_rc = kp_storage_sync_dir(g->st, items[i]->rel);
-    }
-    if (rc) return rc;
-    PGresult *r, *ok = NULL;
+    return rc;
+}
+
+/* Collects the insert's result: 0 and *ok (the inserted rows), or KP_EDB. */
+static int s_insert_result(kp_ingest_t *g, PGresult **ok)
+{
+    PGconn *conn = kp_db_conn(g->db);
+    PGresult *r;
+    int rc = 0;
+    *ok = NULL;
     while ((r = PQgetResult(conn))) {
-        if (PQresultStatus(r) == PGRES_TUPLES_OK && !ok) {
-            ok = r;
+        if (PQresultStatus(r) == PGRES_TUPLES_OK && !*ok) {
+            *ok = r;
             continue;
         }
         if (PQresultStatus(r) != PGRES_TUPLES_OK) {
@@ -112,7 +104,49 @@ static int s_commit_group(kp_ingest_t *g, s_pending_t **items, size_t n)
         }
         PQclear(r);
     }
-    if (!ok && !rc) rc = KP_EDB;
+    if (!*ok && !rc) rc = KP_EDB;
+    if (rc) {
+        PQclear(*ok);
+        *ok = NULL;
+    }
+    return rc;
+}
+
+static int s_commit_group(kp_ingest_t *g, s_pending_t **items, size_t n)
+{
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n; i++) {
+        json_t *o = json_pack("{s:s, s:s, s:I, s:s}", "path", items[i]->rel, "sop", items[i]->sop,
+                              "size", (json_int_t)items[i]->size, "ae", items[i]->ae);
+        if (items[i]->rid[0]) json_object_set_new(o, "rid", json_string(items[i]->rid));
+        json_array_append_new(arr, o);
+    }
+    char *payloads = json_dumps(arr, JSON_COMPACT);
+    json_decref(arr);
+    char lease[16];
+    snprintf(lease, sizeof lease, "%ld", g->cfg->jobs_lease);
+    const char *params[] = {payloads, lease};
+    int rc = s_send_insert(g, params);
+    int dir_rc = 0;
+    for (size_t i = 0; i < n && !dir_rc; i++) { /* one fsync per distinct directory */
+        bool seen = false;
+        for (size_t j = 0; j < i && !seen; j++)
+            seen = !strncmp(items[i]->rel, items[j]->rel, 5);
+        if (!seen) dir_rc = kp_storage_sync_dir(g->st, items[i]->rel);
+    }
+    PGresult *ok = NULL;
+    if (!rc) rc = s_insert_result(g, &ok);
+    /* A connection the server closed while idle (a restart of PostgreSQL) fails the first
+     * statement after it: once, on a new connection. A duplicate row, were the lost one
+     * committed after all, is harmless: indexing is idempotent. */
+    if (rc && PQstatus(kp_db_conn(g->db)) != CONNECTION_OK) {
+        kp_warn("db", "lost the database connection; retrying the outbox insert on a new one");
+        PQclear(ok);
+        ok = NULL;
+        rc = s_send_insert(g, params);
+        if (!rc) rc = s_insert_result(g, &ok);
+    }
+    free(payloads);
     if (ok && !rc) s_publish(g, ok); /* committed: even if a directory fsync failed, index it */
     PQclear(ok);
     return rc ? rc : dir_rc;
@@ -217,6 +251,7 @@ int kp_ingest_prepare(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_resu
     const char *sop = res->sop_uid;
     snprintf(p->sop, sizeof p->sop, "%s", sop);
     snprintf(p->ae, sizeof p->ae, "%s", src);
+    if (req->request_id) snprintf(p->rid, sizeof p->rid, "%s", req->request_id);
     kp_storage_relpath(sop, p->rel);
     struct stat sb;
     if (stat(req->tmp_path, &sb)) {
@@ -250,7 +285,8 @@ int kp_ingest_prepare(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_resu
         free(p);
         return KP_EDUPLICATE;
     } else {
-        if (exists) kp_warn("store", "%s from %s differs from the stored copy; replacing it", sop, src);
+        if (exists)
+            kp_warn("store", "%s from %s differs from the stored copy; replacing it", sop, src);
         if ((rc = kp_storage_commit(g->st, req->tmp_path, p->rel, true))) goto fail;
     }
     *out = p;
@@ -296,7 +332,8 @@ int kp_ingest_commit(kp_ingest_t *g, kp_ingest_pending_t **ps, size_t n, int *rc
         if (p->rc) {
             /* The file may be in place, but without an outbox row the sender was not told
              * success: it sends again, and an identical copy is then a cheap no-op. */
-            kp_error("store", "%s from %s: not acknowledged: %s", p->sop, p->ae, kp_strerror(p->rc));
+            kp_error("store", "%s from %s: not acknowledged: %s", p->sop, p->ae,
+                     kp_strerror(p->rc));
             __atomic_add_fetch(&g->failed, 1, __ATOMIC_RELAXED);
             if (!first) first = p->rc;
         } else {

@@ -4,7 +4,8 @@
  * pid, the level, a category (a short word such as "store", "db", "bus") and the message, plus
  * an optional context (a job id or a Study Instance UID) in square brackets at the end. The
  * level is checked before any formatting happens, so disabled debug lines cost one compare.
- * A line is written with a single write(2), so lines from threads never interleave. */
+ * A line is written with a single write(2), so lines from threads never interleave. With
+ * log.format = json each line is a JSON object instead (kp_log_set_format). */
 #ifndef KP_LOG_H
 #define KP_LOG_H
 
@@ -23,6 +24,9 @@ extern kp_log_level_t kp_log_threshold;
 
 /* Sets the process name shown in each line (borrowed; must outlive logging). */
 void kp_log_init(const char *process);
+/* Sets the line format: "text" (the default) or "json" (one JSON object per line, for log
+ * shippers: ts, process, pid, level, cat, msg, ctx). -1 for an unknown name. */
+int kp_log_set_format(const char *name);
 /* Sets the threshold by name ("debug", "info", "warn", "error", "off"); -1 for an unknown name. */
 int kp_log_set_level(const char *name);
 /* Writes one line; use the macros below rather than calling this directly. ctx may be NULL. */

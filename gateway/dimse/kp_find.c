@@ -9,9 +9,12 @@
  *   C000  unable to process: identifier too large to translate
  *   0124  not authorized: dicom.find_require_registered and the calling AE is not in the
  *         modality registry with allow_find
+ * Site scope: a registered calling AE whose registry row names a site finds only that site's
+ * studies (and patients with a study there); kp_access, kp_find_sql_opts_t.site_id.
  * Codes go through the error catalogue (kp_error_dimse), never by hand. */
 #include "kp_find.h"
 
+#include "kp_access.h"
 #include "kp_db.h"
 #include "kp_dbpool.h"
 #include "kp_errors.h"
@@ -49,18 +52,6 @@ void kp_find_destroy(kp_find_t **fp)
     *fp = NULL;
 }
 
-/* 0 when the calling AE may query, KP_EPERM when not, KP_EDB when the registry cannot be read. */
-static int s_check_access(kp_db_t *db, const char *ae)
-{
-    PGresult *r = NULL;
-    const char *params[] = {ae};
-    int rc = kp_db_exec(db, &r, "SELECT allow_find FROM modalities WHERE ae_title = $1", 1, params);
-    if (rc) return rc;
-    rc = PQntuples(r) == 1 && !strcmp(PQgetvalue(r, 0, 0), "t") ? 0 : KP_EPERM;
-    PQclear(r);
-    return rc;
-}
-
 unsigned kp_find_handle(void *user, const kp_dicom_find_req_t *req, kp_dicom_find_results_t *out)
 {
     kp_find_t *f = user;
@@ -81,14 +72,16 @@ unsigned kp_find_handle(void *user, const kp_dicom_find_req_t *req, kp_dicom_fin
         kp_dicom_find_set_comment(out, "database unavailable");
         goto error;
     }
-    if (cfg->dicom_find_require_registered && (rc = s_check_access(db, ae))) {
-        if (rc == KP_EPERM) {
-            kp_warn(CAT, "C-FIND from %s (%s) refused: not a registered AE with allow_find", ae,
-                    req->peer_host);
-            kp_dicom_find_set_comment(out, "calling AE title not allowed to query");
-        }
+    kp_access_t acc;
+    if ((rc = kp_access_lookup(db, ae, KP_ACCESS_FIND, &acc))) goto error;
+    if (cfg->dicom_find_require_registered && !acc.allowed) {
+        kp_warn(CAT, "C-FIND from %s (%s) refused: not a registered AE with allow_find", ae,
+                req->peer_host);
+        kp_dicom_find_set_comment(out, "calling AE title not allowed to query");
+        rc = KP_EPERM;
         goto error;
     }
+    opts.site_id = acc.site_id;
     rc = kp_find_sql_build(req, &opts, &q, err, sizeof err);
     if (rc) {
         kp_warn(CAT, "C-FIND from %s (%s) refused: %s", ae, req->peer_host, err);

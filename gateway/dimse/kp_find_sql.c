@@ -219,6 +219,44 @@ static const char *s_col(const s_keydef_t *k, int level)
     return level == LV_PATIENT && k->pcol ? k->pcol : k->col;
 }
 
+/* Site scope (kp_find_sql_opts_t.site_id): a condition on the study's site at the STUDY
+ * level and below, on the patient having a study there at the PATIENT level; nothing at all
+ * for a scope naming no existing site. Returns the number of the site parameter, 0 if none. */
+static int s_scope(s_ctx_t *c, int level, int site_id)
+{
+    if (site_id == 0) return 0;
+    s_and(c);
+    if (site_id < 0) {
+        s_put(&c->where, "FALSE");
+        return 0;
+    }
+    char v[16];
+    snprintf(v, sizeof v, "%d", site_id);
+    int p = s_param(c, v, strlen(v));
+    if (level == LV_PATIENT)
+        s_put(&c->where,
+              "EXISTS (SELECT 1 FROM studies x WHERE x.patient_pk = p.pk AND x.site_id = $%d::int)",
+              p);
+    else
+        s_put(&c->where, "st.site_id = $%d::int", p);
+    return p;
+}
+
+/* The column expression of k, with the patient aggregates (related studies, series,
+ * instances) counted over the scoped site only when sp (its parameter) is set. */
+static const char *s_scoped_col(const s_keydef_t *k, int level, int sp, char *buf, size_t len)
+{
+    const char *what = k->tag == 0x00201200   ? "count(*)"
+                       : k->tag == 0x00201202 ? "coalesce(sum(x.num_series), 0)"
+                       : k->tag == 0x00201204 ? "coalesce(sum(x.num_instances), 0)"
+                                              : NULL;
+    if (!sp || !what) return s_col(k, level);
+    snprintf(buf, len,
+             "(SELECT %s FROM studies x WHERE x.patient_pk = p.pk AND x.site_id = $%d::int)", what,
+             sp);
+    return buf;
+}
+
 static const s_keydef_t *s_keydef(uint32_t tag)
 {
     for (size_t i = 0; i < NKEYS; i++)
@@ -491,6 +529,8 @@ int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *
     uint32_t *tags = calloc(MAX_COLS + 8, sizeof *tags);
     if (!tags) abort();
     int ncols = 0;
+    /* site scope first, so that its parameter is $1 for the aggregate expressions below */
+    int sp = s_scope(&c, level, opts->site_id);
 
     /* unique keys of the query level and the levels above are always returned */
     for (int l = top; l <= level; l++) {
@@ -519,7 +559,9 @@ int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *
             }
             continue;
         }
-        s_add_col(&sel, tags, &ncols, k->tag, s_col(k, level), k->kind);
+        char scoped[200];
+        s_add_col(&sel, tags, &ncols, k->tag, s_scoped_col(k, level, sp, scoped, sizeof scoped),
+                  k->kind);
         if (s_universal(rk->value) || k->kind == MK_NONE) continue;
         if (req->combined_datetime && (k->kind == MK_DATE || k->kind == MK_TIME)) {
             size_t pi = 0;
@@ -587,6 +629,12 @@ int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *
 int kp_find_sql_retrieve(const kp_dicom_retrieve_req_t *req, long limit, kp_find_sql_t *q,
                          char *err, size_t errlen)
 {
+    return kp_find_sql_retrieve_scoped(req, limit, 0, q, err, errlen);
+}
+
+int kp_find_sql_retrieve_scoped(const kp_dicom_retrieve_req_t *req, long limit, int site_id,
+                                kp_find_sql_t *q, char *err, size_t errlen)
+{
     memset(q, 0, sizeof *q);
     if (err && errlen) err[0] = 0;
     if (!req) return s_fail(err, errlen, KP_EINVAL, "invalid request");
@@ -629,6 +677,7 @@ int kp_find_sql_retrieve(const kp_dicom_retrieve_req_t *req, long limit, kp_find
         else
             s_put(&c.where, "%s = $%d", cols[l], p);
     }
+    (void)s_scope(&c, LV_IMAGE, site_id);
     char lim[24];
     snprintf(lim, sizeof lim, "%ld", limit > 0 ? limit + 1 : 1);
     int lp = s_param(&c, lim, strlen(lim));

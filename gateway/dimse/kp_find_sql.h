@@ -17,6 +17,9 @@
 typedef struct {
     bool fold_names; /* person names matched case- and accent-insensitively (kp_fold) */
     long limit;      /* most results wanted; the query asks for limit + 1 to detect more */
+    int site_id;     /* site scope of the calling AE (kp_access): 0 every site, > 0 only the
+                      * studies of that site (patients: those with a study there, and their
+                      * study / series / instance counts over that site only), < 0 nothing */
 } kp_find_sql_opts_t;
 
 typedef struct {
@@ -43,6 +46,10 @@ int kp_find_sql_build(const kp_dicom_find_req_t *req, const kp_find_sql_opts_t *
  * gets a short reason. On error *q holds nothing to free. */
 int kp_find_sql_retrieve(const kp_dicom_retrieve_req_t *req, long limit, kp_find_sql_t *q,
                          char *err, size_t errlen);
+/* The same limited to a site scope (site_id as in kp_find_sql_opts_t): instances of studies
+ * outside it are not selected. kp_find_sql_retrieve() is this with site_id 0. */
+int kp_find_sql_retrieve_scoped(const kp_dicom_retrieve_req_t *req, long limit, int site_id,
+                                kp_find_sql_t *q, char *err, size_t errlen);
 /* Frees everything in *q and zeroes it; idempotent. */
 void kp_find_sql_clear(kp_find_sql_t *q);
 

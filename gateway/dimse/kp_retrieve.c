@@ -8,10 +8,13 @@
  *   A701  out of resources, unable to calculate the number of matches: more than 65535
  *         instances (the sub-operation counts of the responses are 16-bit)
  *   A700  the database is unavailable; A900 identifier does not match the model (kp_find_sql)
+ * Site scope: a registered calling AE whose registry row names a site retrieves only that
+ * site's studies (others are not matched: nothing is sent for them); see kp_access.
  * Catalogue errors go through kp_error_dimse(); A801 and A701 are statuses of the retrieve
  * service itself, not error conditions of the catalogue, so they are named here. */
 #include "kp_retrieve.h"
 
+#include "kp_access.h"
 #include "kp_audit.h"
 #include "kp_bus.h"
 #include "kp_db.h"
@@ -72,22 +75,24 @@ void kp_retrieve_destroy(kp_retrieve_t **rp)
     *rp = NULL;
 }
 
-/* The registry row of ae: 0 and (when host is not NULL) its address when it is registered with
- * allow_retrieve; KP_EPERM when not registered or not allowed; KP_EDB. */
-static int s_lookup(kp_db_t *db, const char *ae, char *host, size_t hostlen, int *port)
+/* The registry row of a move destination: 0 and its address and TLS flag when it is registered
+ * with allow_retrieve; KP_EPERM when not registered or not allowed; KP_EDB. */
+static int s_lookup(kp_db_t *db, const char *ae, char *host, size_t hostlen, int *port, int *tls)
 {
     PGresult *res = NULL;
     const char *params[] = {ae};
     int rc = kp_db_exec(db, &res,
-                        "SELECT host, port FROM modalities WHERE ae_title = $1 AND allow_retrieve",
+                        "SELECT host, port, tls FROM modalities WHERE ae_title = $1 AND "
+                        "allow_retrieve",
                         1, params);
     if (rc) return rc;
     if (PQntuples(res) != 1) {
         PQclear(res);
         return KP_EPERM;
     }
-    if (host) snprintf(host, hostlen, "%s", PQgetvalue(res, 0, 0));
-    if (port) *port = atoi(PQgetvalue(res, 0, 1));
+    snprintf(host, hostlen, "%s", PQgetvalue(res, 0, 0));
+    *port = atoi(PQgetvalue(res, 0, 1));
+    *tls = !strcmp(PQgetvalue(res, 0, 2), "t");
     PQclear(res);
     return 0;
 }
@@ -109,20 +114,23 @@ unsigned kp_retrieve_handle(void *user, const kp_dicom_retrieve_req_t *req,
         kp_dicom_retrieve_set_comment(plan, "database unavailable");
         goto error;
     }
-    if (r->cfg->dicom_retrieve_require_registered && (rc = s_lookup(db, ae, NULL, 0, NULL))) {
-        if (rc == KP_EPERM) {
-            kp_warn(CAT, "%s from %s (%s) refused: not a registered AE with allow_retrieve", op, ae,
-                    req->peer_host);
-            kp_dicom_retrieve_set_comment(plan, "calling AE title not allowed to retrieve");
-            status = STATUS_NOT_AUTHORIZED;
-        }
+    kp_access_t acc;
+    if ((rc = kp_access_lookup(db, ae, KP_ACCESS_RETRIEVE, &acc))) {
+        kp_dicom_retrieve_set_comment(plan, "database query failed");
+        goto error;
+    }
+    if (r->cfg->dicom_retrieve_require_registered && !acc.allowed) {
+        kp_warn(CAT, "%s from %s (%s) refused: not a registered AE with allow_retrieve", op, ae,
+                req->peer_host);
+        kp_dicom_retrieve_set_comment(plan, "calling AE title not allowed to retrieve");
+        status = STATUS_NOT_AUTHORIZED;
         goto error;
     }
     if (req->op == KP_DICOM_MOVE) {
         char host[256];
-        int port = 0;
+        int port = 0, tls = 0;
         const char *dest = req->move_destination ? req->move_destination : "";
-        rc = *dest ? s_lookup(db, dest, host, sizeof host, &port) : KP_EPERM;
+        rc = *dest ? s_lookup(db, dest, host, sizeof host, &port, &tls) : KP_EPERM;
         if (rc == KP_EPERM) {
             kp_warn(CAT, "C-MOVE from %s (%s) refused: move destination '%s' unknown", ae,
                     req->peer_host, dest);
@@ -136,8 +144,9 @@ unsigned kp_retrieve_handle(void *user, const kp_dicom_retrieve_req_t *req,
             status = STATUS_DESTINATION_UNKNOWN;
             goto error;
         }
+        kp_dicom_retrieve_set_tls(plan, tls);
     }
-    rc = kp_find_sql_retrieve(req, MAX_INSTANCES, &q, err, sizeof err);
+    rc = kp_find_sql_retrieve_scoped(req, MAX_INSTANCES, acc.site_id, &q, err, sizeof err);
     if (rc) {
         kp_warn(CAT, "%s from %s (%s) refused: %s", op, ae, req->peer_host, err);
         kp_dicom_retrieve_set_comment(plan, err);

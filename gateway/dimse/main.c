@@ -8,7 +8,16 @@
  * thread records whole groups of concurrent stores in ONE outbox statement, overlapping the
  * directory fsyncs with the commit. If the database is down the stores fail with a DIMSE failure
  * (A700: out of resources) and the modality retries; a lost bus message is found again by the
- * outbox sweep in pacs-busd. */
+ * outbox sweep in pacs-busd.
+ *
+ * Access: dicom.allowed_aes rejects associations; per operation, a calling AE must be in the
+ * modality registry with allow_store / allow_find / allow_retrieve when
+ * dicom.store_require_registered / find_require_registered / retrieve_require_registered say
+ * so (status 0124 otherwise), and an AE scoped to a site finds and retrieves only that site's
+ * studies (kp_access). DICOM TLS: dicom.tls_port adds a TLS listener served by the same pool;
+ * C-MOVE destinations registered with tls=true are reached over TLS (lib/dicom). */
+#include "kp_access.h"
+#include "kp_dbpool.h"
 #include "kp_config.h"
 #include "kp_dicom.h"
 #include "kp_errors.h"
@@ -31,6 +40,7 @@ static struct {
     kp_ingest_t *ing;   /* the durable store path (own database connection, bus, committer) */
     kp_find_t *find;    /* C-FIND service, its own database connections */
     kp_retrieve_t *ret; /* C-MOVE / C-GET service, its own connections and audit bus */
+    kp_dbpool_t *acc;   /* registry lookups of C-STORE (dicom.store_require_registered) */
 } s_d;
 
 static volatile int s_stop;
@@ -65,9 +75,10 @@ static bool s_in_list(const char *list, const char *ae)
     return false;
 }
 
-static int s_on_assoc(void *user, const char *calling, const char *called, const char *host)
+static int s_on_assoc(void *user, const kp_dicom_assoc_info_t *a)
 {
     (void)user;
+    const char *calling = a->calling_ae, *called = a->called_ae, *host = a->peer_host;
     const kp_config_t *cfg = s_d.cfg;
     int result = 0;
     const char *why = NULL;
@@ -85,7 +96,7 @@ static int s_on_assoc(void *user, const char *calling, const char *called, const
         kp_debug("assoc", "association from %s (%s) to %s accepted", calling, host, called);
     }
     /* every association, accepted or not, is in the audit trail */
-    json_t *d = json_pack("{s:s}", "called_ae", called ? called : "");
+    json_t *d = json_pack("{s:s, s:b}", "called_ae", called ? called : "", "tls", a->tls);
     if (d && why) json_object_set_new(d, "reason", json_string(why));
     if (s_d.ret)
         kp_retrieve_audit(s_d.ret, "dicom.association", result ? "failure" : "success", calling,
@@ -101,6 +112,23 @@ static int s_on_assoc(void *user, const char *calling, const char *called, const
 static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
 {
     (void)user;
+    if (s_d.cfg->dicom_store_require_registered) {
+        kp_access_t acc;
+        kp_db_t *db = kp_dbpool_acquire(s_d.acc);
+        int rc = db ? kp_access_lookup(db, req->calling_ae, KP_ACCESS_STORE, &acc) : KP_EDB;
+        kp_dbpool_release(s_d.acc, db);
+        if (!rc && !acc.allowed) {
+            kp_warn("store",
+                    "C-STORE %s from %s (%s) refused: not a registered AE with allow_store",
+                    req->sop_instance_uid ? req->sop_instance_uid : "?", req->calling_ae,
+                    req->peer_host);
+            rc = KP_EPERM;
+        }
+        if (rc) {
+            (void)unlink(req->tmp_path); /* the callback owns the received file */
+            return kp_error_dimse(rc);
+        }
+    }
     kp_ingest_req_t in = {.tmp_path = req->tmp_path,
                           .expected_sop = req->sop_instance_uid ? req->sop_instance_uid : "",
                           .source = req->calling_ae};
@@ -179,6 +207,8 @@ int main(int argc, char **argv)
     s_d.ret =
         kp_retrieve_new(s_d.cfg, kp_storage_root(s_d.st), (int)s_d.cfg->dicom_max_associations);
     if (!s_d.ret) goto done;
+    s_d.acc = kp_dbpool_new(s_d.cfg->db_conninfo, (int)s_d.cfg->dicom_max_associations);
+    if (!s_d.acc) goto done;
 
     kp_dicom_scp_config_t scp = {
         .ae_title = s_d.cfg->dicom_ae_title,
@@ -188,16 +218,27 @@ int main(int argc, char **argv)
         .acse_timeout = (int)s_d.cfg->dicom_acse_timeout,
         .dimse_timeout = (int)s_d.cfg->dicom_dimse_timeout,
         .tmp_dir = kp_storage_tmpdir(s_d.st),
+        .min_free_bytes = (long long)s_d.cfg->storage_min_free_mb * 1024 * 1024,
         .on_store = s_on_store,
-        .on_assoc = s_on_assoc,
+        .on_assoc_info = s_on_assoc,
         .on_find = s_on_find,
         .on_retrieve = s_on_retrieve,
         .on_retrieve_done = s_on_retrieve_done,
         .user = NULL,
         .stop = &s_stop,
+        .tls_port = (int)s_d.cfg->dicom_tls_port,
+        .tls = {.cert_file = s_d.cfg->dicom_tls_cert,
+                .key_file = s_d.cfg->dicom_tls_key,
+                .ca_file = s_d.cfg->dicom_tls_ca,
+                .require_peer_cert = s_d.cfg->dicom_tls_require_client_cert},
     };
-    kp_info("main", "listening as %s on port %ld (storage %s)", s_d.cfg->dicom_ae_title,
-            s_d.cfg->dicom_port, kp_storage_root(s_d.st));
+    if (s_d.cfg->dicom_tls_port)
+        kp_info("main", "listening as %s on port %ld and DICOM TLS port %ld (storage %s)",
+                s_d.cfg->dicom_ae_title, s_d.cfg->dicom_port, s_d.cfg->dicom_tls_port,
+                kp_storage_root(s_d.st));
+    else
+        kp_info("main", "listening as %s on port %ld (storage %s)", s_d.cfg->dicom_ae_title,
+                s_d.cfg->dicom_port, kp_storage_root(s_d.st));
     rc = kp_dicom_scp_run(&scp) ? 1 : 0;
     long stored, failed;
     kp_ingest_counts(s_d.ing, &stored, &failed);
@@ -206,6 +247,7 @@ done:
     kp_ingest_destroy(&s_d.ing);
     kp_find_destroy(&s_d.find);
     kp_retrieve_destroy(&s_d.ret);
+    kp_dbpool_destroy(&s_d.acc);
     kp_storage_destroy(&s_d.st);
     kp_dicom_shutdown();
     kp_config_destroy(&s_d.cfg);

@@ -38,6 +38,52 @@ int kp_api_sites_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
 int kp_api_site_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_site_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_site_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+/* Helpers of the handlers (defined in kp_api_admin.c, shared with kp_api_reports.c). */
+/* The JSON body, or {} when the request has none; NULL when resp is answered (400). The
+ * returned object is the caller's to json_decref. */
+struct json_t *kp_api_body_optional(const kp_http_req_t *req, kp_http_resp_t *resp);
+/* Answers status with the JSON text (copied). */
+void kp_api_text_resp(kp_http_resp_t *resp, int status, const char *text);
+/* Whether s is a language of the user interface and the reports: en, ru, es, fr, de. */
+bool kp_api_language_ok(const char *s);
+/* The percent-decoded value of key in a raw query string ("key" alone is ""), into out: 1 found,
+ * 0 absent, -1 malformed or longer than outlen - 1 bytes. */
+int kp_api_query(const char *query, const char *key, char *out, size_t outlen);
+/* A whole number query parameter in [min, max]: 0 (*out the value, or dflt when absent) or -1
+ * (malformed or out of range). */
+int kp_api_query_long(const kp_http_req_t *req, const char *key, long dflt, long min, long max,
+                      long *out);
+
+/* kp_api_health.c: GET /healthz (process up) and GET /readyz (database at our schema version,
+ * pacs-busd answering, storage writable; 503 + Retry-After otherwise). Public, no patient data. */
+void kp_api_health_init(void);
+void kp_api_health_shutdown(void);
+int kp_api_healthz(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_readyz(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+/* GET /metrics: Prometheus text, to the client addresses of http.metrics_allow only. */
+int kp_api_metrics(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+
+/* kp_api_reports.c: doctors' reports, their versions, PDFs and templates (docs/reports.md);
+ * {study} is req->params[0] of the study routes, {id} / {n} / {pdf_id} the numeric params */
+int kp_api_study_reports(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_reports_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_sign(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_amend(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_version(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_pdf_request(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_pdf_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_report_pdf_state(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_templates_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_template_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_template_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_template_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_template_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+/* Closes the bus connection the PDF requests publish on (at gateway shutdown). */
+void kp_api_reports_shutdown(void);
 
 /* kp_www.c: the login page (/app/login) and its script, from http.www_dir */
 int kp_www_init(const char *dir);

@@ -92,7 +92,7 @@ static int s_fail(kp_http_resp_t *resp, int code, const char *msg, const char *d
 }
 
 /* A body that may be left out entirely (then {}). */
-static json_t *s_body_optional(const kp_http_req_t *req, kp_http_resp_t *resp)
+json_t *kp_api_body_optional(const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     if (!req->body_len) {
         json_t *j = json_object();
@@ -102,7 +102,7 @@ static json_t *s_body_optional(const kp_http_req_t *req, kp_http_resp_t *resp)
     return kp_http_json_body(req, resp);
 }
 
-static void s_text_resp(kp_http_resp_t *resp, int status, const char *text)
+void kp_api_text_resp(kp_http_resp_t *resp, int status, const char *text)
 {
     resp->body = strdup(text);
     if (!resp->body) abort();
@@ -154,7 +154,7 @@ static bool s_perm_ok(const char *s)
 #define S_ROLE_RULE     "1 to 64 characters a-z 0-9 _ . -, starting with a lower-case letter"
 #define S_SITE_RULE     "1 to 64 characters A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
-static bool s_language_ok(const char *s)
+bool kp_api_language_ok(const char *s)
 {
     static const char *const langs[] = {"en", "ru", "es", "fr", "de"};
     for (size_t i = 0; i < sizeof langs / sizeof langs[0]; i++)
@@ -282,7 +282,7 @@ static int s_hex(char c)
 }
 
 /* The value of key in a raw query string, percent-decoded: 1 found, 0 absent, -1 malformed. */
-static int s_query(const char *query, const char *key, char *out, size_t outlen)
+int kp_api_query(const char *query, const char *key, char *out, size_t outlen)
 {
     size_t kl = strlen(key);
     for (const char *p = query; p && *p;) {
@@ -312,11 +312,11 @@ static int s_query(const char *query, const char *key, char *out, size_t outlen)
     return 0;
 }
 
-static int s_query_long(const kp_http_req_t *req, const char *key, long dflt, long min, long max,
-                        long *out)
+int kp_api_query_long(const kp_http_req_t *req, const char *key, long dflt, long min, long max,
+                      long *out)
 {
     char v[24];
-    int q = s_query(req->query, key, v, sizeof v);
+    int q = kp_api_query(req->query, key, v, sizeof v);
     *out = dflt;
     if (q == 0) return 0;
     char *e;
@@ -423,7 +423,7 @@ static int s_list(kp_http_env_t *env, kp_http_resp_t *resp, const char *sql)
     PGresult *r = NULL;
     int rc = kp_db_exec(env->db, &r, sql, 0, NULL);
     if (rc) return rc;
-    s_text_resp(resp, 200, PQgetvalue(r, 0, 0));
+    kp_api_text_resp(resp, 200, PQgetvalue(r, 0, 0));
     PQclear(r);
     return 0;
 }
@@ -471,10 +471,10 @@ static int s_user_answer(kp_http_env_t *env, const char *name, kp_http_resp_t *r
 int kp_api_users_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     char q[256];
-    int hq = s_query(req->query, "q", q, sizeof q);
+    int hq = kp_api_query(req->query, "q", q, sizeof q);
     long limit, offset;
-    if (hq < 0 || s_query_long(req, "limit", 100, 1, 1000, &limit) ||
-        s_query_long(req, "offset", 0, 0, 1000000000L, &offset))
+    if (hq < 0 || kp_api_query_long(req, "limit", 100, 1, 1000, &limit) ||
+        kp_api_query_long(req, "offset", 0, 0, 1000000000L, &offset))
         return s_fail(resp, KP_EINVAL, "bad query parameter",
                       "q: text to search in user names, display names and e-mail addresses (at "
                       "most 255 bytes); limit 1..1000 (100); offset >= 0");
@@ -495,7 +495,7 @@ int kp_api_users_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
                         3, p);
 #undef S_FILTER
     if (rc) return rc;
-    s_text_resp(resp, 200, PQgetvalue(r, 0, 0));
+    kp_api_text_resp(resp, 200, PQgetvalue(r, 0, 0));
     PQclear(r);
     return 0;
 }
@@ -532,7 +532,7 @@ int kp_api_users_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
         rc = s_fail(resp, KP_EINVAL, "email is not an e-mail address", email);
         goto out;
     }
-    if (lang && !s_language_ok(lang)) {
+    if (lang && !kp_api_language_ok(lang)) {
         rc = s_fail(resp, KP_EINVAL, "language is one of en, ru, es, fr, de", lang);
         goto out;
     }
@@ -627,7 +627,7 @@ int kp_api_user_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
         rc = s_fail(resp, KP_EINVAL, "email is not an e-mail address", email);
         goto out;
     }
-    if (lang && !s_language_ok(lang)) {
+    if (lang && !kp_api_language_ok(lang)) {
         rc = s_fail(resp, KP_EINVAL, "language is one of en, ru, es, fr, de", lang);
         goto out;
     }
@@ -810,7 +810,7 @@ out:
  * change it at the next login. Clears a lockout and ends the user's sessions. */
 int kp_api_user_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
-    json_t *b = s_body_optional(req, resp);
+    json_t *b = kp_api_body_optional(req, resp);
     if (!b) return 0;
     const char *name = req->params[0], *pw = NULL;
     int rc = 0, temporary = -1;

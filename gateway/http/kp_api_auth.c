@@ -10,6 +10,7 @@
  * Refresh rotates the refresh token; presenting one already used revokes the whole session (a
  * stolen token was replayed). The responses never say whether a user name exists. */
 #include "kp_api.h"
+#include "kp_metrics.h"
 
 #include "kp_audit.h"
 #include "kp_auth.h"
@@ -35,6 +36,8 @@
 static void s_audit(kp_http_env_t *env, const kp_http_req_t *req, const char *actor,
                     const char *action, bool ok, const char *key, const char *value)
 {
+    if (!strcmp(action, "auth.login_failed")) kp_metrics_add(KP_MET_LOGIN_FAILURES, 1);
+    if (!strcmp(action, "auth.login") && ok) kp_metrics_add(KP_MET_LOGINS, 1);
     json_t *d = key && value ? json_pack("{s:s}", key, value) : NULL;
     kp_audit_event_t ev = {.action = action,
                            .outcome = ok ? "success" : "failure",

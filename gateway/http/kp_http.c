@@ -28,6 +28,8 @@ void kp_http_error(kp_http_resp_t *resp, int code, int status, const char *messa
     resp->nsegs = resp->segcap = 0;
     resp->content_range[0] = 0;
     resp->status = status > 0 ? status : kp_error_http(code);
+    /* 503: the database, the storage or the bus is unavailable for now; clients may retry */
+    if (resp->status == 503 && resp->retry_after <= 0) resp->retry_after = 5;
     const char *slug = kp_error_slug(code);
     json_t *e =
         json_pack("{s:s, s:s}", "code", slug, "message", message ? message : kp_strerror(code));

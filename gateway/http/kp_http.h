@@ -21,14 +21,14 @@ struct kp_route;
 
 typedef struct kp_http_req {
     char method[12];
-    char *path;          /* normalised path without the query (owned) */
-    char *query;         /* raw text after '?', or NULL (owned) */
-    char *if_none_match; /* If-None-Match header value, or NULL (owned) */
-    char *accept;        /* Accept header value, or NULL (owned) */
-    char *range;         /* Range header value, or NULL (owned) */
+    char *path;              /* normalised path without the query (owned) */
+    char *query;             /* raw text after '?', or NULL (owned) */
+    char *if_none_match;     /* If-None-Match header value, or NULL (owned) */
+    char *accept;            /* Accept header value, or NULL (owned) */
+    char *range;             /* Range header value, or NULL (owned) */
     char *if_modified_since; /* If-Modified-Since header value, or NULL (owned) */
-    char *content_type;  /* Content-Type of the request body, or NULL (owned) */
-    char *body;          /* request body (a private copy, owned), or NULL */
+    char *content_type;      /* Content-Type of the request body, or NULL (owned) */
+    char *body;              /* request body (a private copy, owned), or NULL */
     size_t body_len;
     char *origin;        /* "https://" + the request's authority, for absolute URLs (owned) */
     bool head;           /* a HEAD request (routed as GET; the body is not sent) */
@@ -38,6 +38,8 @@ typedef struct kp_http_req {
     bool same_origin;    /* a cookie-carrying mutation passed the CSRF check (X-CSRF-Token
                           * equal to the CSRF cookie, or Origin equal to our own origin) */
     kp_identity_t id;    /* who asks (id.authenticated false for public routes) */
+    char request_id[40]; /* X-Request-Id: the client's (if 1-36 of A-Z a-z 0-9 . _ -) or ours;
+                          * in the access log, the response, and the jobs it causes */
     const struct kp_route *route;
     char params[KP_HTTP_MAX_PARAMS][65]; /* the {uid} / {frames} segments of the path */
     int nparams;
@@ -48,12 +50,12 @@ typedef struct kp_http_req {
 /* A piece of a streamed body: owned bytes, or a byte range of a stored file that the event loop
  * reads and sends chunk by chunk (so a whole study is never held in memory). */
 typedef struct kp_http_seg {
-    char *mem;          /* owned bytes, or NULL for a file range */
-    char *path;         /* absolute path of the file (owned) when mem is NULL */
-    int64_t off, len;   /* the range (mem: off 0, len bytes) */
-    int64_t file_size;  /* the file's size when the range was planned: a file that changed
-                         * size since (replaced by a compressed copy) aborts the response */
-    bool temp;          /* a temporary file of this response: unlinked when it is freed */
+    char *mem;         /* owned bytes, or NULL for a file range */
+    char *path;        /* absolute path of the file (owned) when mem is NULL */
+    int64_t off, len;  /* the range (mem: off 0, len bytes) */
+    int64_t file_size; /* the file's size when the range was planned: a file that changed
+                        * size since (replaced by a compressed copy) aborts the response */
+    bool temp;         /* a temporary file of this response: unlinked when it is freed */
 } kp_http_seg_t;
 
 typedef struct kp_http_resp {
@@ -62,14 +64,16 @@ typedef struct kp_http_resp {
     char ctype[256];          /* room for a Content-Type built per response (multipart) */
     char *body;               /* owned, may be NULL */
     size_t len;
-    char etag[72];     /* quoted entity tag or "" */
-    char allow[64];    /* Allow header for 405, or "" */
-    char *warning;     /* Warning header text (owned) or NULL */
-    bool compressible; /* may be gzipped when the client accepts it */
+    char etag[72];          /* quoted entity tag or "" */
+    char allow[64];         /* Allow header for 405, or "" */
+    char *warning;          /* Warning header text (owned) or NULL */
+    bool compressible;      /* may be gzipped when the client accepts it */
     char content_range[96]; /* Content-Range for 206 / 416, or "" */
     char last_modified[40]; /* Last-Modified (IMF-fixdate), or "" */
     char *set_cookie[4];    /* Set-Cookie header values (owned) */
     int nset_cookie;
+    int retry_after;               /* > 0: a Retry-After header (seconds), e.g. with 503 */
+    char content_disposition[128]; /* Content-Disposition (a download), or "" */
     /* A streamed body: when nsegs > 0 the body is these segments in order and body is NULL. */
     kp_http_seg_t *segs;
     size_t nsegs, segcap;

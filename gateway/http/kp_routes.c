@@ -16,9 +16,11 @@
 #include "kp_storage.h"
 #include "kp_log.h"
 #include "kp_mdcache.h"
+#include "kp_metrics.h"
 #include "kp_qido.h"
 
 #include <fcntl.h>
+#include <sys/statvfs.h>
 #include <pthread.h>
 #include <jansson.h>
 #include <strings.h>
@@ -32,7 +34,7 @@
 /* The sites a request may see, as a PostgreSQL text[] literal in buf, or NULL for all (site.all,
  * or development mode). Site names are [A-Za-z0-9_.-] (schema check), so they need no escaping
  * beyond the quotes. An identity without sites gets an array that matches nothing. */
-static const char *s_sites(const kp_http_req_t *req, char *buf, size_t len)
+const char *kp_routes_sites(const kp_http_req_t *req, char *buf, size_t len)
 {
     if (req->id.site_all) return NULL;
     size_t k = (size_t)snprintf(buf, len, "{");
@@ -50,8 +52,8 @@ static int s_qido(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
     kp_qido_t *q = NULL;
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     int rc = kp_qido_build_sites(level, study, series, req->query, env->cfg->http_qido_limit,
-                                 env->cfg->http_qido_max_limit, s_sites(req, sb, sizeof sb), &q,
-                                 err, sizeof err);
+                                 env->cfg->http_qido_max_limit, kp_routes_sites(req, sb, sizeof sb),
+                                 &q, err, sizeof err);
     if (rc) {
         kp_http_error(resp, rc, 0, "invalid QIDO-RS query", err);
         return 0;
@@ -156,7 +158,8 @@ static int s_metadata(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
 {
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
-                             req->nparams > 2 ? req->params[2] : NULL, s_sites(req, sb, sizeof sb)};
+                             req->nparams > 2 ? req->params[2] : NULL,
+                             kp_routes_sites(req, sb, sizeof sb)};
     kp_mdcache_t *mc = env->mdcache;
     uint64_t gen = 0;
     /* The cache key holds the site restriction: a response built for a user who sees every
@@ -310,7 +313,8 @@ static int s_retrieve(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp
 {
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL,
-                             req->nparams > 2 ? req->params[2] : NULL, s_sites(req, sb, sizeof sb)};
+                             req->nparams > 2 ? req->params[2] : NULL,
+                             kp_routes_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, i.transfer_syntax_uid, i.sop_uid" S_MD_FROM
@@ -406,7 +410,7 @@ static int s_find_instance(kp_http_env_t *env, const kp_http_req_t *req, kp_http
 {
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     const char *params[] = {req->params[0], req->params[1], req->params[2],
-                            s_sites(req, sb, sizeof sb)};
+                            kp_routes_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, i.transfer_syntax_uid, i.pixel_offset, i.pixel_length, "
@@ -774,7 +778,7 @@ static int s_rendered_group(kp_http_env_t *env, const kp_http_req_t *req, kp_htt
     if (s_render_opts(req, resp, thumb, &o)) return 0;
     char sb[KP_AUTH_MAX_SITES * 70 + 4];
     const char *params[4] = {req->params[0], req->nparams > 1 ? req->params[1] : NULL, NULL,
-                             s_sites(req, sb, sizeof sb)};
+                             kp_routes_sites(req, sb, sizeof sb)};
     PGresult *res = NULL;
     int rc = kp_db_exec(env->db, &res,
                         "SELECT i.path, se.pk" S_MD_FROM
@@ -945,6 +949,17 @@ static int s_stow(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
         kp_http_error(resp, KP_EINVAL, 0, "empty request body", NULL);
         return 0;
     }
+    /* storage (nearly) full: 507 before anything is written (storage.min_free_mb) */
+    struct statvfs vfs;
+    long long need =
+        (long long)env->cfg->storage_min_free_mb * 1024 * 1024 + (long long)req->body_len;
+    if (env->cfg->storage_min_free_mb > 0 && statvfs(kp_storage_tmpdir(env->st), &vfs) == 0 &&
+        (long long)vfs.f_bavail * (long long)vfs.f_frsize < need) {
+        kp_http_error(resp, KP_EIO, 507, "the storage is full",
+                      "nothing was stored; try again once space is freed (storage.min_free_mb)");
+        resp->retry_after = 60;
+        return 0;
+    }
     s_stow_t st = {.env = env, .fd = -1};
     kp_multipart_cb_t cb = {
         .part_begin = s_stow_begin, .part_data = s_stow_data, .part_end = s_stow_end, .user = &st};
@@ -977,7 +992,10 @@ static int s_stow(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *
             res[i].reason = st.why[i];
             continue;
         }
-        kp_ingest_req_t in = {.tmp_path = st.tmp[i], .expected_study = study, .source = "STOW-RS"};
+        kp_ingest_req_t in = {.tmp_path = st.tmp[i],
+                              .expected_study = study,
+                              .source = "STOW-RS",
+                              .request_id = req->request_id};
         kp_ingest_pending_t *p = NULL;
         rcs[i] = kp_ingest_prepare(env->ing, &in, &res[i], &p);
         free(st.tmp[i]); /* consumed by prepare */
@@ -1234,6 +1252,27 @@ static const kp_route_t s_routes[] = {
     {"PUT", "/api/sites/{name}", "site.manage", kp_api_site_update},
     {"DELETE", "/api/sites/{name}", "site.manage", kp_api_site_delete},
     {"GET", "/api/audit", "audit.read", kp_api_audit_list},
+    /* doctors' reports (kp_api_reports.c; docs/reports.md) */
+    {"GET", "/api/studies/{study}/reports", "report.read", kp_api_study_reports},
+    {"POST", "/api/studies/{study}/reports", "report.write", kp_api_report_create},
+    {"GET", "/api/reports", "report.read", kp_api_reports_list},
+    {"GET", "/api/reports/{id}", "report.read", kp_api_report_get},
+    {"PUT", "/api/reports/{id}", "report.write", kp_api_report_update},
+    {"DELETE", "/api/reports/{id}", "report.delete", kp_api_report_delete},
+    {"POST", "/api/reports/{id}/sign", "report.sign", kp_api_report_sign},
+    {"POST", "/api/reports/{id}/amend", "report.sign", kp_api_report_amend},
+    {"GET", "/api/reports/{id}/versions/{n}", "report.read", kp_api_report_version},
+    {"POST", "/api/reports/{id}/pdf", "report.export", kp_api_report_pdf_request},
+    {"GET", "/api/reports/{id}/pdf", "report.export", kp_api_report_pdf_get},
+    {"GET", "/api/report-pdfs/{pdf_id}", "report.export", kp_api_report_pdf_state},
+    {"GET", "/api/report-templates", "report.read", kp_api_templates_list},
+    {"POST", "/api/report-templates", "system.configure", kp_api_template_create},
+    {"GET", "/api/report-templates/{id}", "report.read", kp_api_template_get},
+    {"PUT", "/api/report-templates/{id}", "system.configure", kp_api_template_update},
+    {"DELETE", "/api/report-templates/{id}", "system.configure", kp_api_template_delete},
+    {"GET", "/healthz", KP_PERM_PUBLIC, kp_api_healthz},
+    {"GET", "/readyz", KP_PERM_PUBLIC, kp_api_readyz},
+    {"GET", "/metrics", KP_PERM_PUBLIC, kp_api_metrics},
     {"GET", "/app/login", KP_PERM_PUBLIC, kp_api_www},
     {"GET", "/app/login.js", KP_PERM_PUBLIC, kp_api_www},
 };
@@ -1300,6 +1339,7 @@ void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http
         json_t *ok = json_object_get(json_object_get(b, "00081199"), "Value");
         json_t *bad = json_object_get(json_object_get(b, "00081198"), "Value");
         json_object_set_new(d, "stored", json_integer((json_int_t)json_array_size(ok)));
+        kp_metrics_add(KP_MET_STOW_INSTANCES, (long)json_array_size(ok));
         json_object_set_new(d, "failed", json_integer((json_int_t)json_array_size(bad)));
         if (!study[0] && json_array_size(ok)) { /* the study of the first stored instance */
             const char *url = json_string_value(json_array_get(
@@ -1403,6 +1443,20 @@ static int s_match(const char *pattern, const char *path, size_t pathlen,
                 return -1;
             for (size_t k = 1; k < sl; k++)
                 if (!memchr(an, s[k], sizeof an - 1) && !memchr("_.@-", s[k], 4)) return -1;
+            memcpy(params[n], s, sl);
+            params[n][sl] = 0;
+            n++;
+            p += pl;
+            s += sl;
+            continue;
+        }
+        if ((pl == 4 && !memcmp(p, "{id}", 4)) || (pl == 3 && !memcmp(p, "{n}", 3)) ||
+            (pl == 8 && !memcmp(p, "{pdf_id}", 8))) {
+            /* a row id or version number (reports API): 1 to 18 digits, no leading zero; any
+             * other segment matches nothing (404) */
+            if (sl == 0 || sl > 18 || n >= KP_HTTP_MAX_PARAMS || s[0] == '0' ||
+                strspn(s, "0123456789") < sl)
+                return -1;
             memcpy(params[n], s, sl);
             params[n][sl] = 0;
             n++;

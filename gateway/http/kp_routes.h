@@ -4,7 +4,9 @@
  * validated here (digits and dots, at most 64 characters), so handlers never see a bad one —
  * except {frames}, a comma-separated list of frame numbers (digits and commas only), and {name}, a
  * user, role or site name (a letter or digit, then letters, digits and _ . @ -; at most 64): a
- * segment that is not a valid name does not match at all (404), so ".." never reaches a handler. */
+ * segment that is not a valid name does not match at all (404), so ".." never reaches a handler.
+ * {id}, {n} and {pdf_id} (reports API) are positive numbers of 1 to 18 digits without a leading
+ * zero; any other segment does not match either (404). */
 #ifndef KP_ROUTES_H
 #define KP_ROUTES_H
 
@@ -36,5 +38,9 @@ const kp_route_t *kp_routes_table(size_t *n);
 /* Records the audit event of a request that succeeded (DICOMweb query/view/download/upload,
  * admin changes); called by the database worker after the handler. */
 void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http_resp_t *resp);
+
+/* The sites req may see, as a PostgreSQL text[] literal written into buf (returned), or NULL for
+ * every site (site.all). An identity without sites gets an array that matches nothing. */
+const char *kp_routes_sites(const kp_http_req_t *req, char *buf, size_t len);
 
 #endif

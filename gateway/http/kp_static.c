@@ -175,7 +175,7 @@ bool kp_static_is_hashed(const char *name, size_t len)
 
 bool kp_static_is_api_path(const char *path, size_t len)
 {
-    static const char *const prefixes[] = {"/dicom-web", "/api", "/app", "/wado"};
+    static const char *const prefixes[] = {"/dicom-web", "/api", "/app", "/wado", "/healthz", "/readyz", "/metrics"};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         size_t pl = strlen(prefixes[i]);
         if (len >= pl && !memcmp(path, prefixes[i], pl) && (len == pl || path[pl] == '/'))

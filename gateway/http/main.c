@@ -14,6 +14,7 @@
 #include "kp_http.h"
 #include "kp_ingest.h"
 #include "kp_api.h"
+#include "kp_metrics.h"
 #include "kp_audit.h"
 #include "kp_auth.h"
 #include "kp_bus.h"
@@ -35,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -169,6 +171,8 @@ static const char *s_reason(int status)
         return "Service Unavailable";
     case 504:
         return "Gateway Timeout";
+    case 507:
+        return "Insufficient Storage";
     default:
         return "Status";
     }
@@ -214,17 +218,25 @@ static void s_log_safe(char *out, size_t outlen, const char *s, size_t len)
 /* The user of the response being sent on this loop thread (set around s_respond), for the log. */
 static __thread const char *s_log_user;
 
+/* The route pattern of the request being answered on this thread, for the metrics: set when
+ * the request is routed (or "static" / "redirect"), NULL = refused before routing. */
+static __thread const char *s_log_route;
+/* The request id of the request being answered on this thread ("" = none: static files). */
+static __thread char s_log_rid[40];
+
 static void s_access_log(h2o_req_t *req, int status, size_t bytes)
 {
-    if (KP_LOG_INFO < kp_log_threshold) return;
     struct timeval now;
     gettimeofday(&now, NULL);
     double ms = (double)(now.tv_sec - req->timestamps.request_begin_at.tv_sec) * 1e3 +
                 (double)(now.tv_usec - req->timestamps.request_begin_at.tv_usec) / 1e3;
     char method[16], path[512];
     s_log_safe(method, sizeof method, req->method.base, req->method.len);
+    kp_metrics_http(s_log_route, method, status, ms / 1e3);
+    if (KP_LOG_INFO < kp_log_threshold) return;
+    const char *rid = s_log_rid[0] ? s_log_rid : NULL;
     s_log_safe(path, sizeof path, req->path.base, req->path.len);
-    kp_info("http", "%s %s %d %zu %.1fms %s", method, path, status, bytes, ms,
+    kp_logc(KP_LOG_INFO, "http", rid, "%s %s %d %zu %.1fms %s", method, path, status, bytes, ms,
             s_log_user && *s_log_user ? s_log_user : "-");
 }
 
@@ -325,6 +337,13 @@ static void s_add_header_copy(h2o_req_t *req, const h2o_token_t *token, const ch
     h2o_add_header(&req->pool, &req->res.headers, token, NULL, c.base, c.len);
 }
 
+static void s_add_header_copy_name(h2o_req_t *req, const char *name, const char *v)
+{
+    h2o_iovec_t c = h2o_strdup(&req->pool, v, strlen(v));
+    h2o_add_header_by_str(&req->pool, &req->res.headers, name, strlen(name), 0, NULL, c.base,
+                          c.len);
+}
+
 /* CORS: the Origin of this request when http.cors_origins allows it, else NULL. */
 static const char *s_cors_origin(h2o_req_t *req, char *buf, size_t buflen)
 {
@@ -364,7 +383,8 @@ static void s_cors_headers(h2o_req_t *req)
     s_header_copy(req, "access-control-allow-origin", o);
     s_header(req, "vary", "Origin");
     s_header(req, "access-control-expose-headers",
-             "ETag, Last-Modified, Warning, Content-Range, Content-Location, Retry-After");
+             "ETag, Last-Modified, Warning, Content-Range, Content-Location, Retry-After, "
+             "Content-Disposition, X-Request-Id");
 }
 
 static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
@@ -395,6 +415,13 @@ static void s_respond(h2o_req_t *req, kp_http_resp_t *r)
             h2o_strdup(&req->pool, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
         h2o_add_header_by_str(&req->pool, &req->res.headers, H2O_STRLIT("warning"), 0, NULL, v.base,
                               v.len);
+    }
+    if (r->content_disposition[0])
+        s_header_copy(req, "content-disposition", r->content_disposition);
+    if (r->retry_after > 0) {
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", r->retry_after);
+        s_add_header_copy(req, H2O_TOKEN_RETRY_AFTER, ra);
     }
     if (r->status == 200 || r->status == 206 || r->status == 304) {
         h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL,
@@ -474,7 +501,9 @@ static void s_redirect(h2o_req_t *req)
     s_security_headers(req, 0);
     h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_LOCATION, NULL, loc, (size_t)n);
     req->res.content_length = 0;
+    s_log_route = "redirect";
     s_access_log(req, 301, 0);
+    s_log_route = NULL;
     h2o_send_inline(req, "", 0);
 }
 
@@ -509,15 +538,18 @@ static void *s_worker_main(void *arg)
             s_g.head = job->next;
             if (!s_g.head) s_g.tail = NULL;
             s_g.queued--;
+            kp_metrics_set(KP_MET_DB_QUEUED, s_g.queued);
         }
         pthread_mutex_unlock(&s_g.mu);
         if (!job) break; /* stopping and nothing left */
+        kp_metrics_add(KP_MET_DB_BUSY, 1);
         int rc = 0;
         if (job->in.id.authenticated && strcmp(job->in.id.sid, "dev")) {
             int alive = kp_auth_session_alive(s_g.auth, env.db, job->in.id.sid);
             if (alive == 0) {
                 kp_http_error(&job->out, KP_EUNAUTH, 0, "the session has ended; log in again",
                               NULL);
+                kp_metrics_add(KP_MET_DB_BUSY, -1);
                 h2o_multithread_send_message(&job->owner->receiver, &job->super);
                 continue;
             }
@@ -531,6 +563,7 @@ static void *s_worker_main(void *arg)
         } else if (!job->out.status) {
             kp_http_error(&job->out, KP_EINTERNAL, 0, "handler produced no response", NULL);
         }
+        kp_metrics_add(KP_MET_DB_BUSY, -1);
         h2o_multithread_send_message(&job->owner->receiver, &job->super);
     }
     return NULL;
@@ -548,8 +581,12 @@ static void s_on_messages(h2o_multithread_receiver_t *rcv, h2o_linklist_t *messa
         if (job->req) {
             job->token->job = NULL;
             s_log_user = job->in.id.authenticated ? job->in.id.user : NULL;
+            s_log_route = job->in.route ? job->in.route->pattern : NULL;
+            memcpy(s_log_rid, job->in.request_id, sizeof s_log_rid);
             s_respond(job->req, &job->out);
             s_log_user = NULL;
+            s_log_route = NULL;
+            s_log_rid[0] = 0;
         } else {
             char path[256];
             s_log_safe(path, sizeof path, job->in.path, strlen(job->in.path));
@@ -835,6 +872,35 @@ static void *s_reloader_main(void *arg)
 }
 
 /* ---- request entry (loop thread) ----------------------------------------------------------- */
+/* The request's id: the client's X-Request-Id when it is 1-36 of A-Z a-z 0-9 . _ - (a proxy or
+ * a client correlating its own logs), else 16 random hex digits. Sent back as X-Request-Id. */
+static void s_request_id(h2o_req_t *req, char out[40])
+{
+    static __thread uint64_t state;
+    h2o_iovec_t v;
+    bool ok = s_header_value(req, NULL, "x-request-id", &v) && v.len >= 1 && v.len <= 36;
+    for (size_t i = 0; ok && i < v.len; i++) {
+        char c = v.base[i];
+        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+             c == '.' || c == '_' || c == '-';
+    }
+    if (ok) {
+        memcpy(out, v.base, v.len);
+        out[v.len] = 0;
+    } else {
+        if (!state) {
+            if (getrandom(&state, sizeof state, 0) != sizeof state)
+                state = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+            state |= 1;
+        }
+        state ^= state >> 12; /* xorshift64*: ids need to be distinct, not secret */
+        state ^= state << 25;
+        state ^= state >> 27;
+        snprintf(out, 40, "%016llx", (unsigned long long)(state * 0x2545F4914F6CDD1DULL));
+    }
+    s_add_header_copy_name(req, "x-request-id", out);
+}
+
 static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
 {
     (void)self;
@@ -858,18 +924,24 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
     memcpy(method, req->method.base, req->method.len);
     method[req->method.len] = 0;
     /* Everything outside /dicom-web, /api and /app is the OHIF viewer: files, no database. */
+    s_log_route = NULL;
+    s_log_rid[0] = 0;
     if (!kp_static_is_api_path(req->path_normalized.base, req->path_normalized.len)) {
-        if (s_viewer_gate(req)) return 0;
-        kp_static_serve(req, s_static_headers, s_access_log);
+        s_log_route = "static";
+        if (!s_viewer_gate(req)) kp_static_serve(req, s_static_headers, s_access_log);
+        s_log_route = NULL;
         return 0;
     }
 
     s_job_t *job = calloc(1, sizeof *job);
     if (!job) abort();
+    s_request_id(req, job->in.request_id);
+    memcpy(s_log_rid, job->in.request_id, sizeof s_log_rid);
     char allow[64];
     bool head = !strcmp(method, "HEAD"), options = !strcmp(method, "OPTIONS");
     kp_route_result_t m = kp_routes_match(head ? "GET" : method, req->path_normalized.base,
                                           req->path_normalized.len, &job->in, allow, sizeof allow);
+    if (m == KP_ROUTE_OK) s_log_route = job->in.route->pattern;
     if (options && m == KP_ROUTE_BAD_METHOD) {
         /* OPTIONS, and CORS preflight when http.cors_origins allows the Origin. */
         s_job_free(job);
@@ -902,6 +974,7 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
         char ra[16];
         snprintf(ra, sizeof ra, "%d", retry);
         s_add_header_copy(req, H2O_TOKEN_RETRY_AFTER, ra);
+        kp_metrics_add(KP_MET_RATE_LIMITED, 1);
         s_respond_error(req, KP_ERATELIMIT, 0, "too many requests", "try again later", NULL);
         return 0;
     }
@@ -996,6 +1069,7 @@ static int s_on_req(h2o_handler_t *self, h2o_req_t *req)
         s_g.head = job;
     s_g.tail = job;
     s_g.queued++;
+    kp_metrics_set(KP_MET_DB_QUEUED, s_g.queued);
     pthread_cond_signal(&s_g.cv);
     pthread_mutex_unlock(&s_g.mu);
     return 0;
@@ -1199,6 +1273,7 @@ int main(int argc, char **argv)
     kp_audit_set_bus(audit_bus);
     s_g.auth = kp_auth_new(cfg);
     if (!s_g.auth) goto out;
+    kp_api_health_init();
     s_g.rl_login = kp_ratelimit_new((double)cfg->http_rate_login_per_min / 60.0,
                                     (double)cfg->http_rate_login_per_min);
     s_g.rl_api = kp_ratelimit_new((double)cfg->http_rate_api_per_sec,
@@ -1265,6 +1340,7 @@ int main(int argc, char **argv)
         s_g.dbs[i] = kp_db_connect(cfg->db_conninfo, (int)cfg->db_connect_timeout, true, NULL);
         if (!s_g.dbs[i]) goto out_dbs;
     }
+    kp_metrics_set(KP_MET_DB_WORKERS, s_g.nworkers);
     for (int i = 0; i < s_g.nworkers; i++)
         pthread_create(&s_g.workers[i], NULL, s_worker_main, s_g.dbs[i]);
 
@@ -1301,6 +1377,8 @@ out:
     kp_mdcache_destroy(&s_g.mdcache);
     kp_audit_set_bus(NULL);
     kp_bus_destroy(&audit_bus);
+    kp_api_health_shutdown();
+    kp_api_reports_shutdown();
     kp_ingest_destroy(&s_g.ing);
     kp_storage_destroy(&s_g.st);
     kp_dicom_shutdown();

@@ -27,6 +27,12 @@
  *    unparsed when the accepted syntax is the stored one, else through kp_image_transcode()
  *    (never to a lossy syntax). C-CANCEL is checked between sub-operations (and, for C-GET,
  *    while waiting for each C-STORE response).
+ *  - DICOM TLS: one DcmTLSTransportLayer (OpenSSL context) per role, made once by
+ *    s_tls_layer(): the acceptor one is set on a second listening network, polled by the same
+ *    accept loop, so TLS associations share the worker pool; the requestor one is set on the
+ *    network of each C-MOVE sub-association to a TLS destination (creating connections from
+ *    one SSL_CTX on several threads is safe in OpenSSL 3). The TLS handshake runs inside
+ *    ASC_receiveAssociation() on the accept loop, like the A-ASSOCIATE-RQ read itself.
  *  - DCMTK's oflog output is routed into kp_log (category "dcmtk"): DCMTK errors become our
  *    warnings, DCMTK warnings our debug lines (real-world files trigger many of them). */
 #include <dcmtk/config/osconfig.h>
@@ -49,6 +55,7 @@
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/scpthrd.h>
 #include <dcmtk/dcmnet/scu.h>
+#include <dcmtk/dcmtls/tlslayer.h>
 #include <dcmtk/oflog/appender.h>
 #include <dcmtk/oflog/oflog.h>
 #include <dcmtk/oflog/spi/logevent.h>
@@ -72,6 +79,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/statvfs.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -149,9 +157,12 @@ extern "C" int kp_dicom_init(void)
         DJDecoderRegistration::registerCodecs();
         DJEncoderRegistration::registerCodecs();
         DJLSDecoderRegistration::registerCodecs();
-        DJLSEncoderRegistration::registerCodecs();
+        /* the raw JPEG-LS encoder: 3.6.7's "cooked" one writes a pad byte past its buffer
+         * when a frame compresses to an odd length (valgrind; dcmcjpls defaults to raw too) */
+        DJLSEncoderRegistration::registerCodecs(0, 0, 0, 0, OFFalse /* preferCookedEncoding */);
         DcmRLEDecoderRegistration::registerCodecs();
         DcmRLEEncoderRegistration::registerCodecs();
+        DcmTLSTransportLayer::initializeOpenSSL(); /* once, before threads (not thread-safe) */
         /* DCMTK reads TCP_NODELAY from the environment for each socket; without it Nagle's
          * algorithm slows a C-STORE stream about tenfold. Set here, before any thread. */
         setenv("TCP_NODELAY", "1", 1);
@@ -907,6 +918,7 @@ struct kp_dicom_retrieve_plan {
     std::vector<KpRetrieveItem> items;
     std::string host;
     int port = 0;
+    bool tls = false;
     std::string comment;
 };
 
@@ -946,6 +958,11 @@ extern "C" int kp_dicom_retrieve_set_destination(kp_dicom_retrieve_plan_t *plan,
     }
 }
 
+extern "C" void kp_dicom_retrieve_set_tls(kp_dicom_retrieve_plan_t *plan, int tls)
+{
+    if (plan) plan->tls = tls != 0;
+}
+
 extern "C" void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, const char *text)
 {
     if (!plan) return;
@@ -958,6 +975,76 @@ extern "C" void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, co
 
 namespace
 {
+
+bool s_set(const char *s)
+{
+    return s && *s;
+}
+
+/* A TLS context for one role from the PEM files in t: BCP 195 non-downgrading profile (TLS 1.2
+ * or newer, AES-GCM suites with ECDHE/DHE), our certificate and key (required for the
+ * acceptor, optional for a requestor), the trusted CAs, and peer verification (a requestor
+ * always requires the server's certificate; an acceptor requires a client certificate when
+ * t->require_peer_cert, and verifies one that is presented in any case). NULL with why set
+ * when a file is missing, unreadable or the key does not match the certificate. */
+std::unique_ptr<DcmTLSTransportLayer> s_tls_layer(T_ASC_NetworkRole role, const kp_dicom_tls_t *t,
+                                                  std::string &why)
+{
+    const bool server = role == NET_ACCEPTOR;
+    if (!t || !s_set(t->ca_file)) {
+        why = "no trusted CA file given (dicom.tls_ca)";
+        return nullptr;
+    }
+    if (server && (!s_set(t->cert_file) || !s_set(t->key_file))) {
+        why = "the TLS listener needs a certificate and a key (dicom.tls_cert, dicom.tls_key)";
+        return nullptr;
+    }
+    if (s_set(t->cert_file) != s_set(t->key_file)) {
+        why = "a TLS certificate needs its key and a key its certificate";
+        return nullptr;
+    }
+    for (const char *f : {t->ca_file, t->cert_file, t->key_file}) {
+        if (s_set(f) && access(f, R_OK) != 0) {
+            why = std::string("cannot read ") + f + ": " + strerror(errno);
+            return nullptr;
+        }
+    }
+    std::unique_ptr<DcmTLSTransportLayer> l(new DcmTLSTransportLayer(role, nullptr, OFFalse));
+    if (!*l) {
+        why = "cannot create a TLS context (OpenSSL)";
+        return nullptr;
+    }
+    OFCondition c = l->addTrustedCertificateFile(t->ca_file, DCF_Filetype_PEM);
+    if (c.bad()) {
+        why = std::string("cannot load the trusted CA certificates from ") + t->ca_file;
+        return nullptr;
+    }
+    if (s_set(t->cert_file)) {
+        l->setPrivateKeyPasswd(""); /* never prompt on the console */
+        if (l->setPrivateKeyFile(t->key_file, DCF_Filetype_PEM).bad()) {
+            why = std::string("cannot load the private key ") + t->key_file;
+            return nullptr;
+        }
+        if (l->setCertificateFile(t->cert_file, DCF_Filetype_PEM).bad()) {
+            why = std::string("cannot load the certificate ") + t->cert_file;
+            return nullptr;
+        }
+        if (!l->checkPrivateKeyMatchesCertificate()) {
+            why = std::string("the private key ") + t->key_file +
+                  " does not match the certificate " + t->cert_file;
+            return nullptr;
+        }
+    }
+    c = l->setTLSProfile(TSP_Profile_BCP195_ND);
+    if (c.good()) c = l->activateCipherSuites();
+    if (c.bad()) {
+        why = std::string("cannot set the TLS profile: ") + c.text();
+        return nullptr;
+    }
+    l->setCertificateVerification(server && !t->require_peer_cert ? DCV_checkCertificate
+                                                                  : DCV_requireCertificate);
+    return l;
+}
 
 /* Text of a C-FIND key as the C side sees it: UTF-8, spaces around each value trimmed. */
 std::string s_find_key_text(DcmElement *el)
@@ -1188,7 +1275,8 @@ struct KpSubAssoc {
  * then transcoded). */
 OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg,
                                const std::vector<KpRetrieveItem> &items, const std::string &dest_ae,
-                               const std::string &host, int port, std::string &why)
+                               const std::string &host, int port, DcmTransportLayer *tls,
+                               std::string &why)
 {
     std::vector<std::string> classes;
     std::vector<std::pair<std::string, std::string>> compressed;
@@ -1209,12 +1297,18 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
         why = std::string("cannot initialise the network: ") + c.text();
         return c;
     }
+    if (tls) c = ASC_setTransportLayer(sub.net, tls, 0);
+    if (c.bad()) {
+        why = std::string("cannot set up TLS: ") + c.text();
+        return c;
+    }
     T_ASC_Parameters *params = nullptr;
     c = ASC_createAssociationParameters(&params, static_cast<Uint32>(cfg->max_pdu));
     if (c.bad()) {
         why = c.text();
         return c;
     }
+    if (tls) ASC_setTransportLayerType(params, OFTrue);
     ASC_setAPTitles(params, cfg->ae_title, dest_ae.c_str(), nullptr);
     char peer[300];
     snprintf(peer, sizeof peer, "%s:%d", host.c_str(), port);
@@ -1240,7 +1334,8 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
     c = ASC_requestAssociation(sub.net, params, &sub.assoc);
     if (c.bad()) {
         if (!sub.assoc) ASC_destroyAssociationParameters(&params);
-        why = std::string("cannot open an association to ") + dest_ae + " at " + peer + ": " +
+        why = std::string("cannot open an association to ") + dest_ae + " at " + peer +
+              (tls ? " (TLS): " : ": ") +
               (c == DUL_ASSOCIATIONREJECTED ? "association rejected" : c.text());
         if (sub.assoc) {
             ASC_dropAssociation(sub.assoc);
@@ -1260,8 +1355,11 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
 class KpAssocSCP : public DcmThreadSCP
 {
   public:
-    KpAssocSCP(const kp_dicom_scp_config_t *cfg, const std::atomic<bool> *abort)
-        : m_cfg(cfg), m_abort(abort)
+    /* tls: the association came in on the TLS listener; client_tls: the context for C-MOVE
+     * sub-associations to TLS destinations (NULL when not configured) */
+    KpAssocSCP(const kp_dicom_scp_config_t *cfg, const std::atomic<bool> *abort, bool tls,
+               DcmTransportLayer *client_tls)
+        : m_cfg(cfg), m_abort(abort), m_tls(tls), m_client_tls(client_tls)
     {
     }
 
@@ -1280,9 +1378,18 @@ class KpAssocSCP : public DcmThreadSCP
         /* "host:port" for IPv4, strip the port */
         const size_t colon = m_peer.rfind(':');
         if (colon != std::string::npos && m_peer.find(':') == colon) m_peer.resize(colon);
-        m_decision = m_cfg->on_assoc ? m_cfg->on_assoc(m_cfg->user, m_calling.c_str(),
-                                                       m_called.c_str(), m_peer.c_str())
-                                     : 0;
+        if (m_cfg->on_assoc_info) {
+            kp_dicom_assoc_info_t info;
+            info.calling_ae = m_calling.c_str();
+            info.called_ae = m_called.c_str();
+            info.peer_host = m_peer.c_str();
+            info.tls = m_tls ? 1 : 0;
+            m_decision = m_cfg->on_assoc_info(m_cfg->user, &info);
+        } else {
+            m_decision = m_cfg->on_assoc ? m_cfg->on_assoc(m_cfg->user, m_calling.c_str(),
+                                                           m_called.c_str(), m_peer.c_str())
+                                         : 0;
+        }
         if (m_decision != 0)
             kp_info(CAT, "rejecting association from %s (%s -> %s): %s not recognized",
                     m_peer.c_str(), m_calling.c_str(), m_called.c_str(),
@@ -1330,8 +1437,8 @@ class KpAssocSCP : public DcmThreadSCP
     }
     void notifyAssociationAcknowledge() override
     {
-        kp_info(CAT, "association accepted from %s (%s -> %s)", m_peer.c_str(), m_calling.c_str(),
-                m_called.c_str());
+        kp_info(CAT, "association accepted from %s (%s -> %s)%s", m_peer.c_str(), m_calling.c_str(),
+                m_called.c_str(), m_tls ? " over TLS" : "");
     }
 
     /* DcmSCP::handleAssociation() blocks for a whole DIMSE timeout between commands; ours
@@ -1405,10 +1512,22 @@ class KpAssocSCP : public DcmThreadSCP
         std::string tmpl = std::string(m_cfg->tmp_dir) + "/kp-store-XXXXXX";
         std::vector<char> path(tmpl.begin(), tmpl.end());
         path.push_back('\0');
-        int fd = mkostemp(path.data(), O_CLOEXEC);
+        /* storage (nearly) full: refuse before reading the data set, so the sender gets A700
+         * on a living association instead of an abort halfway through a write */
+        struct statvfs vfs;
+        bool full = m_cfg->min_free_bytes > 0 && statvfs(m_cfg->tmp_dir, &vfs) == 0 &&
+                    (long long)vfs.f_bavail * (long long)vfs.f_frsize < m_cfg->min_free_bytes;
+        int fd = full ? -1 : mkostemp(path.data(), O_CLOEXEC);
         if (fd < 0) {
-            kp_error(CAT, "C-STORE %s: cannot create a file in %s: %s", rq.AffectedSOPInstanceUID,
-                     m_cfg->tmp_dir, strerror(errno));
+            if (full)
+                kp_error(CAT,
+                         "C-STORE %s from %s refused: the storage has less than %lld MB free "
+                         "(storage.min_free_mb)",
+                         rq.AffectedSOPInstanceUID, m_peer.c_str(),
+                         m_cfg->min_free_bytes / (1024 * 1024));
+            else
+                kp_error(CAT, "C-STORE %s: cannot create a file in %s: %s",
+                         rq.AffectedSOPInstanceUID, m_cfg->tmp_dir, strerror(errno));
             DIC_UL bytes = 0, pdvs = 0;
             OFCondition c = DIMSE_ignoreDataSet(m_assoc, DIMSE_NONBLOCKING,
                                                 static_cast<int>(s_dimse_timeout()), &bytes, &pdvs);
@@ -1789,7 +1908,17 @@ class KpAssocSCP : public DcmThreadSCP
         if (op == KP_DICOM_MOVE) {
             sub.reset(new KpSubAssoc());
             std::string why;
-            if (s_open_destination(*sub, m_cfg, plan.items, dest, plan.host, plan.port, why)
+            if (plan.tls && !m_client_tls) {
+                why = "destination needs TLS; dicom.tls_cert/tls_key/tls_ca not set";
+                kp_warn(CAT, "C-MOVE from %s to %s: %s", m_calling.c_str(), dest.c_str(),
+                        why.c_str());
+                comment = why.substr(0, 64);
+                for (const auto &it : plan.items)
+                    n.fail(it.sop_uid);
+                return EC_Normal;
+            }
+            if (s_open_destination(*sub, m_cfg, plan.items, dest, plan.host, plan.port,
+                                   plan.tls ? m_client_tls : nullptr, why)
                     .bad()) {
                 kp_warn(CAT, "C-MOVE from %s: %s", m_calling.c_str(), why.c_str());
                 comment = why.size() > 64 ? why.substr(0, 64) : why;
@@ -1869,6 +1998,8 @@ class KpAssocSCP : public DcmThreadSCP
 
     const kp_dicom_scp_config_t *m_cfg;
     const std::atomic<bool> *m_abort; /* set when kp_dicom_scp_run() fails and must wind up */
+    bool m_tls;
+    DcmTransportLayer *m_client_tls;
     T_ASC_Association *m_assoc = nullptr;
     std::string m_calling, m_called, m_peer;
     std::set<std::string> m_combined_datetime; /* FIND SOP classes negotiated with it */
@@ -1965,11 +2096,32 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
     if (cfg.max_pdu > ASC_MAXIMUMPDUSIZE) cfg.max_pdu = ASC_MAXIMUMPDUSIZE;
     if (cfg.max_associations <= 0) cfg.max_associations = 1;
     if (cfg.acse_timeout <= 0) cfg.acse_timeout = 30;
+    if (cfg.tls_port < 0 || cfg.tls_port > 65535 || (cfg.tls_port && cfg.tls_port == cfg.port)) {
+        kp_error(CAT, "kp_dicom_scp_run: invalid TLS port %d", cfg.tls_port);
+        return KP_EINVAL;
+    }
 
-    T_ASC_Network *net = nullptr;
+    /* declared before the networks and the workers so that they outlive both */
+    std::unique_ptr<DcmTLSTransportLayer> server_tls, client_tls;
+    T_ASC_Network *net = nullptr, *tnet = nullptr;
     std::atomic<bool> abort{false};
     std::list<std::unique_ptr<Worker>> workers;
     try {
+        std::string why;
+        if (cfg.tls_port > 0) {
+            server_tls = s_tls_layer(NET_ACCEPTOR, &cfg.tls, why);
+            if (!server_tls) {
+                kp_error(CAT, "DICOM TLS listener: %s", why.c_str());
+                return KP_EINVAL;
+            }
+        }
+        if (s_set(cfg.tls.cert_file) || s_set(cfg.tls.key_file) || s_set(cfg.tls.ca_file)) {
+            client_tls = s_tls_layer(NET_REQUESTOR, &cfg.tls, why);
+            if (!client_tls) {
+                kp_error(CAT, "DICOM TLS to C-MOVE destinations: %s", why.c_str());
+                return KP_EINVAL;
+            }
+        }
         const char *nodelay = getenv("TCP_NODELAY");
         if (!nodelay || strcmp(nodelay, "1") != 0) /* normally done by kp_dicom_init() */
             setenv("TCP_NODELAY", "1", 1);
@@ -1995,25 +2147,44 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
         /* the listening socket must not leak into processes we may start */
         const int lfd = static_cast<int>(DUL_networkSocket(net->network));
         if (lfd >= 0) (void)fcntl(lfd, F_SETFD, fcntl(lfd, F_GETFD) | FD_CLOEXEC);
-        kp_info(CAT, "storage SCP %s listening on port %d (max %d associations)", cfg.ae_title,
-                cfg.port, cfg.max_associations);
+        int tfd = -1;
+        if (server_tls) {
+            c = ASC_initializeNetwork(NET_ACCEPTOR, cfg.tls_port, cfg.acse_timeout, &tnet);
+            if (c.good()) c = ASC_setTransportLayer(tnet, server_tls.get(), 0);
+            if (c.bad()) {
+                kp_error(CAT, "cannot listen on TLS port %d: %s", cfg.tls_port, c.text());
+                if (tnet) ASC_dropNetwork(&tnet);
+                ASC_dropNetwork(&net);
+                return KP_EIO;
+            }
+            tfd = static_cast<int>(DUL_networkSocket(tnet->network));
+            if (tfd >= 0) (void)fcntl(tfd, F_SETFD, fcntl(tfd, F_GETFD) | FD_CLOEXEC);
+        }
+        kp_info(CAT, "storage SCP %s listening on port %d%s%s (max %d associations)", cfg.ae_title,
+                cfg.port, tnet ? ", DICOM TLS on port " : "",
+                tnet ? std::to_string(cfg.tls_port).c_str() : "", cfg.max_associations);
 
         while (!*cfg.stop) {
             s_reap(workers, false);
+            bool secure = false;
             if (lfd >= 0) {
-                struct pollfd pfd = {lfd, POLLIN, 0};
-                int n = poll(&pfd, 1, 250);
+                struct pollfd pfd[2] = {{lfd, POLLIN, 0}, {tfd, POLLIN, 0}};
+                int n = poll(pfd, tfd >= 0 ? 2 : 1, 250);
                 if (n <= 0) continue; /* timeout or EINTR: check *stop again */
+                secure = !(pfd[0].revents & POLLIN) && tfd >= 0 && (pfd[1].revents & POLLIN);
             }
             T_ASC_Association *assoc = nullptr;
-            c = ASC_receiveAssociation(net, &assoc, cfg.max_pdu, nullptr, nullptr, OFFalse,
-                                       DUL_NOBLOCK, 1);
+            /* for TLS this also runs the handshake: a client whose certificate does not verify
+             * fails here, before any DICOM is exchanged */
+            c = ASC_receiveAssociation(secure ? tnet : net, &assoc, cfg.max_pdu, nullptr, nullptr,
+                                       secure ? OFTrue : OFFalse, DUL_NOBLOCK, 1);
             if (c == DUL_NOASSOCIATIONREQUEST) {
                 ASC_destroyAssociation(&assoc);
                 continue;
             }
             if (c.bad()) {
-                kp_warn(CAT, "receiving an association request failed: %s", c.text());
+                kp_warn(CAT, "receiving an association request%s failed: %s",
+                        secure ? " on the TLS port" : "", c.text());
                 if (assoc) {
                     ASC_dropAssociation(assoc);
                     ASC_destroyAssociation(&assoc);
@@ -2041,7 +2212,7 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
                 (void)fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
                 w->sock = fcntl(fd, F_DUPFD_CLOEXEC, 0);
             }
-            w->scp.reset(new KpAssocSCP(&cfg, &abort));
+            w->scp.reset(new KpAssocSCP(&cfg, &abort, secure, client_tls.get()));
             w->scp->setSharedConfig(shared);
             Worker *wp = w.get();
             try {
@@ -2065,6 +2236,7 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
         kp_info(CAT, "storage SCP stopping: waiting for %zu association(s)", workers.size());
         s_wind_up(workers);
         ASC_dropNetwork(&net);
+        if (tnet) ASC_dropNetwork(&tnet);
         kp_info(CAT, "storage SCP stopped");
         return KP_OK;
     } catch (...) {
@@ -2075,6 +2247,7 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
     try {
         s_wind_up(workers);
         if (net) ASC_dropNetwork(&net);
+        if (tnet) ASC_dropNetwork(&tnet);
     } catch (...) {
     }
     return KP_EINTERNAL;
@@ -2087,6 +2260,13 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
 extern "C" int kp_dicom_echo(const char *host, int port, const char *calling_ae,
                              const char *called_ae, int timeout_s, char *err, size_t errlen)
 {
+    return kp_dicom_echo_tls(host, port, calling_ae, called_ae, timeout_s, nullptr, err, errlen);
+}
+
+extern "C" int kp_dicom_echo_tls(const char *host, int port, const char *calling_ae,
+                                 const char *called_ae, int timeout_s, const kp_dicom_tls_t *tls,
+                                 char *err, size_t errlen)
+{
     char dummy[8];
     if (!err) {
         err = dummy;
@@ -2098,7 +2278,19 @@ extern "C" int kp_dicom_echo(const char *host, int port, const char *calling_ae,
         return KP_EINVAL;
     }
     try {
-        DcmSCU scu;
+        std::unique_ptr<DcmTLSTransportLayer> layer; /* outlives scu */
+        if (tls) {
+            std::string why;
+            layer = s_tls_layer(NET_REQUESTOR, tls, why);
+            if (!layer) {
+                snprintf(err, errlen, "TLS: %s", why.c_str());
+                return KP_EINVAL;
+            }
+        }
+        /* DcmSCU::useSecureConnection() is protected in 3.6.7 (DcmTLSSCU wraps it) */
+        struct EchoSCU : public DcmSCU {
+            using DcmSCU::useSecureConnection;
+        } scu;
         scu.setAETitle(calling_ae);
         scu.setPeerAETitle(called_ae);
         scu.setPeerHostName(host);
@@ -2117,11 +2309,16 @@ extern "C" int kp_dicom_echo(const char *host, int port, const char *calling_ae,
             snprintf(err, errlen, "cannot initialise the network: %s", c.text());
             return KP_EINTERNAL;
         }
+        if (layer && (c = scu.useSecureConnection(layer.get())).bad()) { /* needs the network */
+            snprintf(err, errlen, "cannot set up TLS: %s", c.text());
+            return KP_EINTERNAL;
+        }
         c = scu.negotiateAssociation();
         if (c.bad()) {
             bool rejected = c == DUL_ASSOCIATIONREJECTED;
-            snprintf(err, errlen, "%s %s:%d: %s",
-                     rejected ? "association rejected by" : "cannot reach", host, port, c.text());
+            snprintf(err, errlen, "%s %s:%d%s: %s",
+                     rejected ? "association rejected by" : "cannot reach", host, port,
+                     tls ? " (TLS)" : "", c.text());
             return rejected ? KP_EPERM : KP_EIO;
         }
         c = scu.sendECHORequest(0);

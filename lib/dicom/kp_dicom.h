@@ -110,6 +110,14 @@ typedef unsigned (*kp_dicom_store_fn)(void *user, const kp_dicom_store_req_t *re
 typedef int (*kp_dicom_assoc_fn)(void *user, const char *calling_ae, const char *called_ae,
                                  const char *peer_host);
 
+/* The same decision with more about the association (borrowed for the call). */
+typedef struct {
+    const char *calling_ae, *called_ae, *peer_host;
+    int tls; /* 1: the association came in on the DICOM TLS listener (the handshake succeeded,
+              * so a client certificate, if required, verified) */
+} kp_dicom_assoc_info_t;
+typedef int (*kp_dicom_assoc_info_fn)(void *user, const kp_dicom_assoc_info_t *info);
+
 /* ---- Query SCP (C-FIND) ---- */
 
 /* Information models (the SOP class of the presentation context). */
@@ -185,6 +193,10 @@ int kp_dicom_retrieve_add(kp_dicom_retrieve_plan_t *plan, const char *sop_class_
 /* C-MOVE: where the Move Destination listens (copied). Required for a C-MOVE that returns
  * 0x0000. 0 or KP_EINVAL. */
 int kp_dicom_retrieve_set_destination(kp_dicom_retrieve_plan_t *plan, const char *host, int port);
+/* C-MOVE: open the association to the destination over DICOM TLS (kp_dicom_scp_config_t
+ * tls settings as the client side). Without kp_dicom_scp_config_t tls_client set up, such a
+ * C-MOVE fails its sub-operations with a clear comment. */
+void kp_dicom_retrieve_set_tls(kp_dicom_retrieve_plan_t *plan, int tls);
 /* Error Comment (0000,0902) sent with a refusal (at most 64 characters are kept). */
 void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, const char *text);
 
@@ -211,6 +223,17 @@ typedef struct {
 typedef void (*kp_dicom_retrieve_done_fn)(void *user, const kp_dicom_retrieve_req_t *req,
                                           const kp_dicom_retrieve_result_t *res);
 
+/* DICOM TLS (PS3.15 B.9 BCP 195 non-downgrading profile: TLS 1.2 or newer, AES-GCM with
+ * (EC)DHE). Paths are PEM files; strings are borrowed for the duration of the call using it. */
+typedef struct {
+    const char *cert_file; /* our certificate (chain); a client may leave it NULL (none sent) */
+    const char *key_file;  /* its private key (unencrypted) */
+    const char *ca_file;   /* trusted CA certificates the peer's certificate is verified against */
+    int require_peer_cert; /* server side: 1 = a client without a certificate is refused; a
+                            * certificate a client does present is always verified. A client
+                            * always requires and verifies the server's certificate. */
+} kp_dicom_tls_t;
+
 typedef struct {
     const char *ae_title; /* our AE title, sent back in the A-ASSOCIATE-AC */
     int port;             /* 1..65535 */
@@ -219,13 +242,24 @@ typedef struct {
     int acse_timeout;     /* seconds (<= 0: 30) */
     int dimse_timeout;    /* seconds without data before an association is aborted (<= 0: none) */
     const char *tmp_dir;  /* where received files are written (same filesystem as storage) */
+    long long min_free_bytes; /* a C-STORE arriving while tmp_dir's file system has less free
+                               * space is refused with A700 before its data set is read (so the
+                               * association goes on); 0 = no check */
     kp_dicom_store_fn on_store;
     kp_dicom_assoc_fn on_assoc;
+    kp_dicom_assoc_info_fn on_assoc_info; /* used instead of on_assoc when set (may be NULL) */
     kp_dicom_find_fn on_find; /* may be NULL: the C-FIND SOP classes are then not accepted */
     kp_dicom_retrieve_fn on_retrieve; /* may be NULL: MOVE and GET SOP classes not accepted */
     kp_dicom_retrieve_done_fn on_retrieve_done; /* may be NULL */
     void *user;
     volatile int *stop; /* run until *stop becomes non-zero */
+    /* DICOM TLS: tls_port > 0 adds a second listener on that port, served by the same
+     * association pool (max_associations counts both), with tls as the server side (cert_file,
+     * key_file and ca_file required). tls is also the client side of C-MOVE sub-operations to
+     * destinations flagged with kp_dicom_retrieve_set_tls() (our certificate, the destination's
+     * verified against ca_file); those need cert/key/ca even when tls_port is 0. */
+    int tls_port;
+    kp_dicom_tls_t tls;
 } kp_dicom_scp_config_t;
 
 /* Listens on all addresses (sockets FD_CLOEXEC) and serves up to max_associations associations
@@ -247,10 +281,12 @@ typedef struct {
  * Stop: the accept loop checks *stop every 250 ms; idle associations see it within 1 s and are
  * closed; 1 s after the stop, connections still busy (mid-transfer) are cut (the SCU sees the
  * connection drop; nothing is stored). Returns once every association thread is joined: 0
- * after a clean stop, KP_EIO if the port cannot be bound, KP_EINVAL for a bad config,
- * KP_EINTERNAL on an unexpected error. The accept loop itself reads each A-ASSOCIATE-RQ, so a
- * peer that connects and stays silent delays the next accept (and a stop) by up to
- * acse_timeout. */
+ * after a clean stop, KP_EIO if a port (plain or TLS) cannot be bound, KP_EINVAL for a bad
+ * config (TLS files missing, unreadable or a key not matching its certificate included, with
+ * the reason logged), KP_EINTERNAL on an unexpected error. The accept loop itself reads each
+ * A-ASSOCIATE-RQ (and, on the TLS port, runs the handshake first: a client certificate that does
+ * not verify ends there), so a peer that connects and stays silent delays the next accept (and
+ * a stop) by up to acse_timeout (the TLS handshake: up to dimse_timeout). */
 int kp_dicom_scp_run(const kp_dicom_scp_config_t *cfg);
 
 /* ---- Verification SCU ---- */
@@ -261,6 +297,12 @@ int kp_dicom_scp_run(const kp_dicom_scp_config_t *cfg);
  * one-line reason in err (may be NULL). Safe to call from any thread. */
 int kp_dicom_echo(const char *host, int port, const char *calling_ae, const char *called_ae,
                   int timeout_s, char *err, size_t errlen);
+/* The same over DICOM TLS when tls is not NULL (client side: our certificate from
+ * tls->cert_file / key_file if given, the peer's verified against tls->ca_file). A failed
+ * handshake (untrusted certificate, no common protocol) is KP_EIO with the reason in err;
+ * unreadable or mismatched key / certificate files are KP_EINVAL. */
+int kp_dicom_echo_tls(const char *host, int port, const char *calling_ae, const char *called_ae,
+                      int timeout_s, const kp_dicom_tls_t *tls, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

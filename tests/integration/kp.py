@@ -72,6 +72,14 @@ class Cluster:
         self.admin(f"CREATE DATABASE {name} TEMPLATE kp_template")
         return self.dsn(name)
 
+    def server(self, cmd):
+        """Stops ("stop") or starts again ("start") the server, keeping its data (tests of
+        what happens while the database is down use a private Cluster for this)."""
+        args = [os.path.join(REPO, "scripts/pgcluster"), cmd, self.dir]
+        if cmd == "start":
+            args.append(str(self.port))
+        subprocess.run(args, check=True, capture_output=True)
+
     def stop(self):
         subprocess.run([os.path.join(REPO, "scripts/pgcluster"), "stop", self.dir])
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -81,7 +89,8 @@ class System:
     """busd + dicomd + indexer(s) on a fresh database and storage directory; with gateway=True
     also pacs-gateway (HTTPS on self.https_port, its redirect on self.http_port, 127.0.0.1)."""
 
-    def __init__(self, cluster, indexers=1, extra_env=None, start=True, gateway=False):
+    def __init__(self, cluster, indexers=1, extra_env=None, start=True, gateway=False,
+                 compressors=0):
         self.dir = tempfile.mkdtemp(prefix="kp-sys-")
         self.dsn = cluster.new_database()
         self.port = free_port()
@@ -99,6 +108,9 @@ class System:
             "KP_BUS_HEARTBEAT_MS": "500",
             "KP_JOBS_LEASE": "3",
             "KP_JOBS_SWEEP_INTERVAL": "1",
+            # stores are refused below this much free space (test_degradation checks it); keep
+            # it small so a test machine with little free disk still runs the suite
+            "KP_STORAGE_MIN_FREE_MB": "16",
             "KP_LOG_LEVEL": "info",
             "TCP_NODELAY": "1",
         })
@@ -129,6 +141,7 @@ class System:
         self.procs = {}
         self.logs = {}
         self.n_indexers = indexers
+        self.n_compressors = compressors  # pacs-compressor processes (compress.* in extra_env)
         if start:
             try:
                 self.start_all()
@@ -151,6 +164,9 @@ class System:
         for i in range(self.n_indexers):
             self.start(f"pacs-indexer#{i}", "pacs-indexer")
         self.start("pacs-auditor#0", "pacs-auditor")
+        self.start("pacs-reporter#0", "pacs-reporter")
+        for i in range(self.n_compressors):
+            self.start(f"pacs-compressor#{i}", "pacs-compressor")
         self.start_dicomd()
         if self.gateway:
             self.start_gateway()

@@ -363,42 +363,83 @@ def test_get_transcodes_jpeg_ls(qr):
 
 
 # ---- concurrency -----------------------------------------------------------------------------
-def test_concurrent_moves_and_finds(qr):
-    """8 movescu (each to its own storescp) and 8 findscu at once: all complete correctly."""
-    extra = {}
+def test_sixteen_sessions_at_once(qr):
+    """16 sessions (6 findscu, 5 movescu each to its own storescp, 5 getscu) held open at the
+    same time with the default pool (dicom.max_associations = 16), proven without timings: the
+    test locks the studies table, so every request waits in the database on its own association
+    thread until all 16 are seen waiting there together (pg_stat_activity); a 17th association
+    is refused meanwhile (the pool is full). Then the lock goes and every session must complete
+    with exactly the expected identifiers or instances."""
+    import psycopg2
+    dests = {}
+    held = None
     try:
-        for i in range(8):
+        for i in range(5):
             aet = f"PAR{i}"
-            extra[aet] = Dest(qr.env, aet)
-            qr.pacsctl("ae", "add", aet, "--host", "127.0.0.1", "--port", str(extra[aet].port))
+            dests[aet] = Dest(qr.env, aet)
+            qr.pacsctl("ae", "add", aet, "--host", "127.0.0.1", "--port", str(dests[aet].port))
         uid = _DATA.study_uid("S1")
+        series = {_DATA.series_uid("S1", i) for i in range(2)}
+        getdirs = [tempfile.mkdtemp(prefix="kp-get-") for _ in range(5)]
 
         def move(aet):
             return movescu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"],
                            dest=aet)
 
-        def find(_):
-            r = subprocess.run(["findscu", "-v", "-aet", "FINDSCU", "-aec", "KLINIKA", "-S",
-                                "-k", "QueryRetrieveLevel=SERIES", "-k",
-                                f"StudyInstanceUID={uid}", "-k", "SeriesInstanceUID",
-                                "127.0.0.1", str(qr.port)], capture_output=True, timeout=120,
-                               env=qr.env)
-            out = (r.stdout + r.stderr).decode("utf-8", "replace")
-            pending = len(re.findall(r"Find Response: \d+ \(Pending\)", out))
-            return r.returncode, pending, "Final Find Response (Success)" in out
+        def get(d):
+            return getscu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"], d)
 
+        def find(i):
+            model = "-P" if i % 2 else "-S"
+            keys = ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={uid}", "SeriesInstanceUID"]
+            if model == "-P":
+                keys.insert(1, "PatientID=MV-001")
+            cmd = ["findscu", "-v", "-aet", "FINDSCU", "-aec", "KLINIKA", model]
+            for k in keys:
+                cmd += ["-k", k]
+            r = subprocess.run(cmd + ["127.0.0.1", str(qr.port)], capture_output=True,
+                               timeout=120, env=qr.env)
+            out = (r.stdout + r.stderr).decode("utf-8", "replace")
+            got = set(re.findall(r"\(0020,000e\) UI \[([0-9.]+)\]", out.split("Find Response", 1)[-1]))
+            return r.returncode, "Final Find Response (Success)" in out, got, out
+
+        def waiting():
+            return qr.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                          "AND query ~ 'studies st'")[0][0]
+
+        qr.wait_jobs_settled()
+        held = psycopg2.connect(qr.dsn)
+        held.cursor().execute("LOCK TABLE studies IN ACCESS EXCLUSIVE MODE")
         with concurrent.futures.ThreadPoolExecutor(16) as ex:
-            moves = [ex.submit(move, a) for a in extra]
-            finds = [ex.submit(find, i) for i in range(8)]
+            finds = [ex.submit(find, i) for i in range(6)]
+            moves = [ex.submit(move, a) for a in dests]
+            gets = [ex.submit(get, d) for d in getdirs]
+            kp.wait_for(lambda: waiting() >= 16, 60, "16 requests waiting at once")
+            assert waiting() == 16
+            assert not qr.echo(aet="SEVENTEEN")  # the pool is full: refused, not queued
+            held.rollback()
+            held.close()
+            held = None
             for f in finds:
-                rc, n, success = f.result()
-                assert rc == 0 and n == 2 and success, (rc, n)  # 2 series, then Success
+                rc, success, got, out = f.result()
+                assert rc == 0 and success and got == series, out[-2000:]
             for f in moves:
                 r = f.result()
                 assert r["status"] == 0 and r["completed"] == 5, r["out"][-2000:]
+            for f in gets:
+                r = f.result()
+                assert r["status"] == 0 and r["completed"] == 5, r["out"][-2000:]
+        assert "16 associations already active" in qr.log("pacs-dicomd")
         expect = stored(qr, "st.study_uid = %s", uid)
-        for d in extra.values():
+        for d in dests.values():
             assert_same_as_stored(qr, d.files(), expect)
+        for d in getdirs:
+            got = {str(pydicom.dcmread(os.path.join(d, f)).SOPInstanceUID): os.path.join(d, f)
+                   for f in os.listdir(d)}
+            assert_same_as_stored(qr, got, expect)
+            shutil.rmtree(d, ignore_errors=True)
     finally:
-        for d in extra.values():
+        if held is not None:
+            held.close()
+        for d in dests.values():
             d.stop()

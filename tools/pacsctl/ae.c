@@ -4,7 +4,9 @@
  *   pacsctl ae add AE --host H --port P [--description D] [--site S]
  *                     [--no-store] [--no-find] [--no-retrieve] [--tls]   (adds, or updates)
  *   pacsctl ae remove AE
- *   pacsctl ae echo AE      C-ECHO from our AE title to the registered peer
+ *   pacsctl ae echo AE      C-ECHO from our AE title to the registered peer (over DICOM TLS
+ *                           when it is registered with --tls: our certificate dicom.tls_cert /
+ *                           tls_key, the peer's verified against dicom.tls_ca)
  *
  * Values are checked here with clear messages, and again by the table's constraints. */
 #include "kp_dicom.h"
@@ -31,12 +33,13 @@ static const char *s_check_ae(const char *ae)
 static int s_list(kp_db_t *db)
 {
     PGresult *r = NULL;
-    if (kp_db_exec(db, &r,
-                   "SELECT ae_title, host, port, CASE WHEN allow_store THEN 'store ' ELSE '' END || "
-                   "CASE WHEN allow_find THEN 'find ' ELSE '' END || CASE WHEN allow_retrieve "
-                   "THEN 'retrieve' ELSE '' END, CASE WHEN tls THEN 'yes' ELSE 'no' END, site, "
-                   "description FROM modalities ORDER BY ae_title",
-                   0, NULL))
+    if (kp_db_exec(
+            db, &r,
+            "SELECT ae_title, host, port, CASE WHEN allow_store THEN 'store ' ELSE '' END || "
+            "CASE WHEN allow_find THEN 'find ' ELSE '' END || CASE WHEN allow_retrieve "
+            "THEN 'retrieve' ELSE '' END, CASE WHEN tls THEN 'yes' ELSE 'no' END, site, "
+            "description FROM modalities ORDER BY ae_title",
+            0, NULL))
         return 1;
     printf("%-16s %-24s %-6s %-22s %-4s %-12s %s\n", "AE title", "host", "port", "allowed", "tls",
            "site", "description");
@@ -54,14 +57,22 @@ static int s_add(kp_db_t *db, int argc, char **argv)
     const char *ae = argv[0], *host = NULL, *port = NULL, *desc = "", *site = "";
     const char *store = "true", *find = "true", *retrieve = "true", *tls = "false";
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--host") && i + 1 < argc) host = argv[++i];
-        else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = argv[++i];
-        else if (!strcmp(argv[i], "--description") && i + 1 < argc) desc = argv[++i];
-        else if (!strcmp(argv[i], "--site") && i + 1 < argc) site = argv[++i];
-        else if (!strcmp(argv[i], "--no-store")) store = "false";
-        else if (!strcmp(argv[i], "--no-find")) find = "false";
-        else if (!strcmp(argv[i], "--no-retrieve")) retrieve = "false";
-        else if (!strcmp(argv[i], "--tls")) tls = "true";
+        if (!strcmp(argv[i], "--host") && i + 1 < argc)
+            host = argv[++i];
+        else if (!strcmp(argv[i], "--port") && i + 1 < argc)
+            port = argv[++i];
+        else if (!strcmp(argv[i], "--description") && i + 1 < argc)
+            desc = argv[++i];
+        else if (!strcmp(argv[i], "--site") && i + 1 < argc)
+            site = argv[++i];
+        else if (!strcmp(argv[i], "--no-store"))
+            store = "false";
+        else if (!strcmp(argv[i], "--no-find"))
+            find = "false";
+        else if (!strcmp(argv[i], "--no-retrieve"))
+            retrieve = "false";
+        else if (!strcmp(argv[i], "--tls"))
+            tls = "true";
         else {
             fprintf(stderr, "pacsctl: ae add: unknown or incomplete option '%s'\n", argv[i]);
             return 2;
@@ -70,7 +81,8 @@ static int s_add(kp_db_t *db, int argc, char **argv)
     const char *why = s_check_ae(ae);
     char *end = NULL;
     long p = port ? strtol(port, &end, 10) : 0;
-    if (!why && (!host || !*host || strlen(host) > 253)) why = "--host is required (name or address)";
+    if (!why && (!host || !*host || strlen(host) > 253))
+        why = "--host is required (name or address)";
     if (!why && (!port || *end || p < 1 || p > 65535)) why = "--port must be 1 to 65535";
     if (why) {
         fprintf(stderr, "pacsctl: ae add: %s\n", why);
@@ -114,7 +126,7 @@ static int s_echo(const kp_config_t *cfg, kp_db_t *db, const char *ae)
 {
     const char *params[] = {ae};
     PGresult *r = NULL;
-    if (kp_db_exec(db, &r, "SELECT host, port FROM modalities WHERE ae_title = $1", 1, params))
+    if (kp_db_exec(db, &r, "SELECT host, port, tls FROM modalities WHERE ae_title = $1", 1, params))
         return 1;
     if (PQntuples(r) != 1) {
         PQclear(r);
@@ -124,16 +136,30 @@ static int s_echo(const kp_config_t *cfg, kp_db_t *db, const char *ae)
     char host[256], err[512];
     snprintf(host, sizeof host, "%s", PQgetvalue(r, 0, 0));
     int port = atoi(PQgetvalue(r, 0, 1));
+    bool tls = !strcmp(PQgetvalue(r, 0, 2), "t");
     PQclear(r);
-    if (kp_dicom_init()) return 1;
-    int rc = kp_dicom_echo(host, port, cfg->dicom_ae_title, ae, (int)cfg->dicom_acse_timeout, err,
-                           sizeof err);
-    kp_dicom_shutdown();
-    if (rc) {
-        printf("C-ECHO %s -> %s at %s:%d failed: %s\n", cfg->dicom_ae_title, ae, host, port, err);
+    if (tls && !*cfg->dicom_tls_ca) {
+        fprintf(
+            stderr,
+            "pacsctl: ae echo: %s is registered with TLS: set dicom.tls_ca (and dicom.tls_cert, "
+            "dicom.tls_key for a client certificate)\n",
+            ae);
         return 1;
     }
-    printf("C-ECHO %s -> %s at %s:%d: success\n", cfg->dicom_ae_title, ae, host, port);
+    if (kp_dicom_init()) return 1;
+    kp_dicom_tls_t t = {.cert_file = cfg->dicom_tls_cert,
+                        .key_file = cfg->dicom_tls_key,
+                        .ca_file = cfg->dicom_tls_ca};
+    int rc = kp_dicom_echo_tls(host, port, cfg->dicom_ae_title, ae, (int)cfg->dicom_acse_timeout,
+                               tls ? &t : NULL, err, sizeof err);
+    kp_dicom_shutdown();
+    const char *how = tls ? " (TLS)" : "";
+    if (rc) {
+        printf("C-ECHO %s -> %s at %s:%d%s failed: %s\n", cfg->dicom_ae_title, ae, host, port, how,
+               err);
+        return 1;
+    }
+    printf("C-ECHO %s -> %s at %s:%d%s: success\n", cfg->dicom_ae_title, ae, host, port, how);
     return 0;
 }
 

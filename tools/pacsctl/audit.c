@@ -1,12 +1,13 @@
 /* pacsctl audit: the audit trail from the command line (schema/0004_audit.sql).
  *
- *   pacsctl audit verify
+ *   pacsctl audit verify [--textfile FILE]
  *       Walks audit_log in seq order, recomputing every hash with kp_audit_hash() (the same
  *       code as pacs-auditor). Prints "audit chain intact: N records" and the head (seq, hash:
  *       worth copying elsewhere, since removing the newest rows leaves a shorter chain that is
  *       still intact) and exits 0, or names the first broken record - a gap in seq, a
  *       prev_hash that is not the previous hash, or a hash that does not match the record - and
- *       exits 1.
+ *       exits 1. --textfile also writes the outcome as Prometheus metrics into FILE (for
+ *       node_exporter's textfile collector; the alert rules in config/monitoring/ use it).
  *   pacsctl audit list [--user U] [--action A] [--limit N]
  *       The newest records first (default 50). */
 #include "kp_audit.h"
@@ -17,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define S_PAGE "2000"
 
@@ -25,18 +28,20 @@ static const char *s_val(PGresult *r, int row, int col)
     return PQgetisnull(r, row, col) ? NULL : PQgetvalue(r, row, col);
 }
 
-static int s_verify(kp_db_t *db)
+static int s_verify(kp_db_t *db, long long *records)
 {
     char after[24] = "0", prev[65] = KP_AUDIT_GENESIS, head[65] = "";
     long long expect = 1, count = 0;
     for (;;) {
         const char *p[] = {after};
         PGresult *r = NULL;
-        if (kp_db_exec(db, &r,
-                       "SELECT seq, event_id, " KP_AUDIT_AT_SQL("at") ", actor, action, outcome, "
-                       "client, patient_id, study_uid, detail::text, prev_hash, hash FROM "
-                       "audit_log WHERE seq > $1::bigint ORDER BY seq LIMIT " S_PAGE,
-                       1, p)) {
+        if (kp_db_exec(
+                db, &r,
+                "SELECT seq, event_id, " KP_AUDIT_AT_SQL(
+                    "at") ", actor, action, outcome, "
+                          "client, patient_id, study_uid, detail::text, prev_hash, hash FROM "
+                          "audit_log WHERE seq > $1::bigint ORDER BY seq LIMIT " S_PAGE,
+                1, p)) {
             fprintf(stderr, "pacsctl: cannot read audit_log\n");
             return 1;
         }
@@ -94,11 +99,13 @@ static int s_verify(kp_db_t *db)
             memcpy(head, stored, sizeof head);
             expect = seq + 1;
             count++;
+            *records = count;
         }
         if (n) snprintf(after, sizeof after, "%s", PQgetvalue(r, n - 1, 0));
         PQclear(r);
         if (n == 0) break;
     }
+    *records = count;
     printf("audit chain intact: %lld records\n", count);
     if (count) printf("head: seq %lld hash %s\n", expect - 1, head);
     return 0;
@@ -144,15 +151,55 @@ static int s_list(kp_db_t *db, int argc, char **argv)
     return 0;
 }
 
+/* --textfile: the outcome for Prometheus (node_exporter's textfile collector), written to a
+ * temporary file and renamed so the collector never reads half of it. */
+static int s_textfile(const char *path, bool ok, long long records)
+{
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        perror(tmp);
+        return 1;
+    }
+    fprintf(f,
+            "# HELP klinika_audit_chain_ok 1 when the last pacsctl audit verify found the audit "
+            "trail intact, 0 when broken\n# TYPE klinika_audit_chain_ok gauge\n"
+            "klinika_audit_chain_ok %d\n"
+            "# HELP klinika_audit_chain_records Records verified (up to the first broken one)\n"
+            "# TYPE klinika_audit_chain_records gauge\nklinika_audit_chain_records %lld\n"
+            "# HELP klinika_audit_chain_verified_timestamp_seconds When the verification ran\n"
+            "# TYPE klinika_audit_chain_verified_timestamp_seconds gauge\n"
+            "klinika_audit_chain_verified_timestamp_seconds %lld\n",
+            ok ? 1 : 0, records, (long long)time(NULL));
+    if (fclose(f) || rename(tmp, path)) {
+        perror(path);
+        unlink(tmp);
+        return 1;
+    }
+    return 0;
+}
+
 int pacsctl_audit(const kp_config_t *cfg, int argc, char **argv)
 {
-    if (argc < 1 || (strcmp(argv[0], "verify") && strcmp(argv[0], "list"))) {
-        fprintf(stderr, "usage: pacsctl audit verify | list [--user U] [--action A] [--limit N]\n");
+    const char *textfile = NULL;
+    if (argc == 3 && !strcmp(argv[0], "verify") && !strcmp(argv[1], "--textfile"))
+        textfile = argv[2];
+    else if (argc < 1 || (strcmp(argv[0], "list") && (strcmp(argv[0], "verify") || argc != 1))) {
+        fprintf(stderr, "usage: pacsctl audit verify [--textfile FILE] | list [--user U] "
+                        "[--action A] [--limit N]\n");
         return 2;
     }
     kp_db_t *db = pacsctl_db(cfg, true);
     if (!db) return 1;
-    int rc = !strcmp(argv[0], "verify") ? s_verify(db) : s_list(db, argc - 1, argv + 1);
+    int rc;
+    if (!strcmp(argv[0], "verify")) {
+        long long records = 0;
+        rc = s_verify(db, &records);
+        if (textfile && s_textfile(textfile, rc == 0, records) && rc == 0) rc = 1;
+    } else {
+        rc = s_list(db, argc - 1, argv + 1);
+    }
     kp_db_destroy(&db);
     return rc;
 }

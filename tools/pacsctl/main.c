@@ -1,7 +1,7 @@
 /* pacsctl: the administrator's command line.
  *
  *   pacsctl [--config FILE] migrate            apply database migrations (schema/)
- *   pacsctl [--config FILE] stats              counts per level, storage, job queues
+ *   pacsctl [--config FILE] stats              counts per level, storage, job queues, compression
  *   pacsctl [--config FILE] reindex [--wipe]   rebuild the index from the files in storage
  *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
@@ -35,26 +35,35 @@
 
 static void s_usage(void)
 {
-    fprintf(stderr,
-            "usage: pacsctl [--config FILE] COMMAND\n"
-            "  migrate [--schema DIR]   apply database migrations\n"
-            "  stats                    patients/studies/series/instances, storage, job queues\n"
-            "  reindex [--wipe]         rebuild the index from the files in storage\n"
-            "  jobs [--state pending|done|failed] [--limit N]   list outbox jobs\n"
-            "  jobs retry ID|--failed   make a job (or every failed job) pending again\n"
-            "  ae list | add AE --host H --port P [--description D] [--site S] [--no-store]\n"
-            "     [--no-find] [--no-retrieve] [--tls] | remove AE | echo AE\n"
-            "                           the modality registry; echo sends a C-ECHO to the AE\n"
-            "  user list | add NAME --role R [--role R2] [--site S] [--display-name D] [--email E]\n"
-            "     [--language L] [--password-file F | --password-env VAR] [--temporary]\n"
-            "     [--if-missing] | passwd NAME [...] | disable|enable|unlock|reset-mfa|\n"
-            "     sessions-revoke NAME    accounts; without a password option one is generated,\n"
-            "                           printed once, and must be changed at first login\n"
-            "  audit verify             recompute the audit trail's hash chain (exit 1 if broken)\n"
-            "  audit list [--user U] [--action A] [--limit N]   newest audit records first\n"
-            "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
-            "  config-get SECTION.KEY   print one setting's effective value\n"
-            "  config-example           print the documented example configuration\n");
+    fprintf(
+        stderr,
+        "usage: pacsctl [--config FILE] COMMAND\n"
+        "  migrate [--schema DIR]   apply database migrations\n"
+        "  stats                    patients/studies/series/instances, storage, job queues,\n"
+        "                           compression (bytes before/after, skips by reason)\n"
+        "  reindex [--wipe]         rebuild the index from the files in storage\n"
+        "  jobs [--state pending|done|failed] [--limit N]   list outbox jobs\n"
+        "  jobs retry ID|--failed   make a job (or every failed job) pending again\n"
+        "  ae list | add AE --host H --port P [--description D] [--site S] [--no-store]\n"
+        "     [--no-find] [--no-retrieve] [--tls] | remove AE | echo AE\n"
+        "                           the modality registry; echo sends a C-ECHO to the AE\n"
+        "  user list | add NAME --role R [--role R2] [--site S] [--display-name D] [--email E]\n"
+        "     [--language L] [--password-file F | --password-env VAR] [--temporary]\n"
+        "     [--if-missing] | passwd NAME [...] | disable|enable|unlock|reset-mfa|\n"
+        "     sessions-revoke NAME    accounts; without a password option one is generated,\n"
+        "                           printed once, and must be changed at first login\n"
+        "  audit verify [--textfile F]   recompute the audit trail's hash chain (exit 1 if "
+        "broken);\n"
+        "                           F: the outcome as Prometheus metrics\n"
+        "  audit list [--user U] [--action A] [--limit N]   newest audit records first\n"
+        "  backup keygen FILE | backup DIR | backup verify DIR/snapshots/ID | restore\n"
+        "     DIR/snapshots/ID [--key F]   encrypted incremental backups (docs/operations.md)\n"
+        "  status                   database, schema, bus, storage, dicom, https, workers\n"
+        "                           by kind and job queues (exit 0 when all healthy)\n"
+        "  health db|bus|dicom|worker KIND   one health check (exit 0 healthy, 1 not)\n"
+        "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
+        "  config-get SECTION.KEY   print one setting's effective value\n"
+        "  config-example           print the documented example configuration\n");
 }
 
 static char *s_schema_dir(const char *given)
@@ -149,8 +158,9 @@ static int s_stats_index(const kp_config_t *cfg)
                   "SELECT type, state, count(*), coalesce(extract(epoch FROM now() - min("
                   "created_at) FILTER (WHERE state = 'pending')), 0)::int FROM jobs GROUP BY "
                   "type, state ORDER BY type, state");
+    rc = pacsctl_stats_compression(db);
     kp_db_destroy(&db);
-    return 0;
+    return rc;
 }
 
 /* `stats`: the index, then the broker's queues and workers (each shown even when the other
@@ -385,6 +395,14 @@ int main(int argc, char **argv)
         rc = pacsctl_user(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "audit"))
         rc = pacsctl_audit(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "health"))
+        rc = pacsctl_health(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "status") && n == 1)
+        rc = pacsctl_status(cfg);
+    else if (!strcmp(args[0], "backup"))
+        rc = pacsctl_backup(cfg, n - 1, args + 1, false);
+    else if (!strcmp(args[0], "restore"))
+        rc = pacsctl_backup(cfg, n - 1, args + 1, true);
     else if (!strcmp(args[0], "bus") && n == 3 && !strcmp(args[1], "keygen")) {
         char pub[KP_CURVE_KEY_LEN + 1];
         rc = kp_curve_keygen(args[2], pub) ? 1 : 0;

@@ -19,4 +19,15 @@ int pacsctl_user(const kp_config_t *cfg, int argc, char **argv);
 /* `pacsctl audit verify|list ...`: the audit trail. Returns the exit status. */
 int pacsctl_audit(const kp_config_t *cfg, int argc, char **argv);
 
+/* `pacsctl health db|bus|dicom|worker KIND`: one check for health probes. Exit status. */
+int pacsctl_health(const kp_config_t *cfg, int argc, char **argv);
+/* `pacsctl backup ...` (restore false) and `pacsctl restore ...` (true). Exit status. */
+int pacsctl_backup(const kp_config_t *cfg, int argc, char **argv, bool restore);
+/* `pacsctl status`: every check at once, workers per kind, the job queues. Exit status. */
+int pacsctl_status(const kp_config_t *cfg);
+
+/* The compression section of `pacsctl stats` (bytes before/after, skips by reason). 0, or 1
+ * when the database failed. */
+int pacsctl_stats_compression(kp_db_t *db);
+
 #endif

@@ -87,7 +87,8 @@ int main(int argc, char **argv)
     size_t cap = (size_t)cfg->indexer_batch;
     kp_msg_t *msgs = calloc(cap, sizeof *msgs);
     kp_index_item_t *items = calloc(cap, sizeof *items);
-    if (!msgs || !items) abort();
+    size_t *ix = calloc(cap, sizeof *ix); /* items[i] came from msgs[ix[i]] */
+    if (!msgs || !items || !ix) abort();
 
     if (kp_dicom_init()) goto done;
     kp_index_set_site_map(cfg->sites_map);
@@ -140,6 +141,7 @@ int main(int argc, char **argv)
                 .size = json_is_integer(size) ? json_integer_value(size) : -1,
                 .calling_ae = s_str(pl, "ae"),
             };
+            ix[m] = i;
             m++;
         }
         int br = kp_index_batch(db, st, items, m, s_tick, bus);
@@ -149,8 +151,12 @@ int main(int argc, char **argv)
             usleep(200 * 1000);
         } else {
             for (size_t i = 0; i < m; i++) {
-                char idb[24];
-                snprintf(idb, sizeof idb, "%lld", (long long)items[i].job_id);
+                char idb[80]; /* the job, and the request that caused it */
+                const char *rid = s_str(msgs[ix[i]].payload, "rid");
+                if (rid)
+                    snprintf(idb, sizeof idb, "%lld rid=%.40s", (long long)items[i].job_id, rid);
+                else
+                    snprintf(idb, sizeof idb, "%lld", (long long)items[i].job_id);
                 if (items[i].result == 0) {
                     indexed++;
                     kp_logc(KP_LOG_DEBUG, "index", idb, "indexed %s", items[i].rel);
@@ -175,6 +181,7 @@ done:
     kp_dicom_shutdown();
     free(msgs);
     free(items);
+    free(ix);
     kp_config_destroy(&cfg);
     return rc;
 }

@@ -263,6 +263,53 @@ static void test_too_many_values(void **state)
     free(v);
 }
 
+/* Site scope: a condition on the study's site (its parameter is $1), patients having a study
+ * there with their counts over it; a scope naming no site matches nothing. */
+static void test_site_scope(void **state)
+{
+    (void)state;
+    kp_find_sql_opts_t saved = s_opts;
+    s_opts.site_id = 7;
+    kp_dicom_find_key_t ks[] = {K(0x0020000D, "UI", ""), K(0x00100010, "PN", "DOE*")};
+    kp_find_sql_t q = s_build(KP_DICOM_FIND_STUDY_ROOT, "STUDY", ks, 2, false);
+    s_contains(q.sql, "st.site_id = $1::int");
+    assert_string_equal(q.params[0], "7");
+    s_contains(q.sql, "kp_fold($2)");
+    kp_find_sql_clear(&q);
+
+    kp_dicom_find_key_t kp[] = {K(0x00100020, "LO", ""), K(0x00201200, "IS", ""),
+                                K(0x00201204, "IS", "")};
+    q = s_build(KP_DICOM_FIND_PATIENT_ROOT, "PATIENT", kp, 3, false);
+    s_contains(q.sql, "EXISTS (SELECT 1 FROM studies x WHERE x.patient_pk = p.pk AND "
+                      "x.site_id = $1::int)");
+    s_contains(q.sql, "(SELECT count(*) FROM studies x WHERE x.patient_pk = p.pk AND "
+                      "x.site_id = $1::int)");
+    s_contains(q.sql, "sum(x.num_instances)");
+    s_lacks(q.sql, "p.num_studies");
+    kp_find_sql_clear(&q);
+
+    s_opts.site_id = -1;
+    q = s_build(KP_DICOM_FIND_STUDY_ROOT, "STUDY", ks, 2, false);
+    s_contains(q.sql, "WHERE FALSE");
+    kp_find_sql_clear(&q);
+    s_opts = saved;
+
+    kp_dicom_retrieve_req_t req = {.op = KP_DICOM_GET,
+                                   .model = KP_DICOM_FIND_STUDY_ROOT,
+                                   .level = "STUDY",
+                                   .keys = (kp_dicom_find_key_t[]){K(0x0020000D, "UI", "1.2.3")},
+                                   .nkeys = 1};
+    char err[160];
+    assert_int_equal(kp_find_sql_retrieve_scoped(&req, 10, 3, &q, err, sizeof err), 0);
+    s_contains(q.sql, "st.study_uid = ANY(string_to_array($1, '\\')) AND st.site_id = $2::int");
+    assert_string_equal(q.params[1], "3");
+    s_contains(q.sql, "LIMIT $3::bigint");
+    kp_find_sql_clear(&q);
+    assert_int_equal(kp_find_sql_retrieve_scoped(&req, 10, -1, &q, err, sizeof err), 0);
+    s_contains(q.sql, "AND FALSE");
+    kp_find_sql_clear(&q);
+}
+
 /* ---- C-MOVE / C-GET (kp_find_sql_retrieve) ---------------------------------------------- */
 
 static int s_retrieve(int model, const char *level, const kp_dicom_find_key_t *keys, size_t n,
@@ -363,6 +410,7 @@ int main(void)
         cmocka_unit_test(test_too_many_values),
         cmocka_unit_test(test_retrieve_levels),
         cmocka_unit_test(test_retrieve_errors),
+        cmocka_unit_test(test_site_scope),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -152,6 +152,38 @@ static void test_name_placeholder(void **state)
                      KP_ROUTE_BAD_UID);
 }
 
+/* {id}, {n}, {pdf_id}: row ids and version numbers of the reports API */
+static void test_number_placeholder(void **state)
+{
+    (void)state;
+    kp_http_req_t r;
+    char allow[64];
+    assert_int_equal(s_match("GET", "/api/reports/42", &r, allow), KP_ROUTE_OK);
+    assert_int_equal(r.nparams, 1);
+    assert_string_equal(r.params[0], "42");
+    assert_string_equal(r.route->permission, "report.read");
+    assert_int_equal(s_match("GET", "/api/reports/7/versions/12", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.params[0], "7");
+    assert_string_equal(r.params[1], "12");
+    assert_int_equal(s_match("POST", "/api/reports/7/sign", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.route->permission, "report.sign");
+    assert_int_equal(s_match("GET", "/api/report-pdfs/123456789012345678", &r, allow), KP_ROUTE_OK);
+    assert_int_equal(s_match("GET", "/api/studies/1.2.3/reports", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.params[0], "1.2.3");
+    assert_int_equal(s_match("PUT", "/api/report-templates/3", &r, allow), KP_ROUTE_OK);
+    assert_string_equal(r.route->permission, "system.configure");
+    const char *bad[] = {"0", "012", "-1", "1.5", "abc", "1a", "1234567890123456789", "..", "%31"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char p[128];
+        snprintf(p, sizeof p, "/api/reports/%s", bad[i]);
+        assert_int_equal(s_match("GET", p, &r, allow), KP_ROUTE_NOT_FOUND);
+        snprintf(p, sizeof p, "/api/reports/1/versions/%s", bad[i]);
+        assert_int_equal(s_match("GET", p, &r, allow), KP_ROUTE_NOT_FOUND);
+    }
+    assert_int_equal(s_match("PATCH", "/api/reports/1", &r, allow), KP_ROUTE_BAD_METHOD);
+    assert_string_equal(allow, "GET, PUT, DELETE");
+}
+
 static void test_error_body(void **state)
 {
     (void)state;
@@ -184,6 +216,7 @@ int main(void)
         cmocka_unit_test(test_matching),
         cmocka_unit_test(test_not_found_bad_method_bad_uid),
         cmocka_unit_test(test_name_placeholder),
+        cmocka_unit_test(test_number_placeholder),
         cmocka_unit_test(test_error_body),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
