@@ -38,6 +38,14 @@ int kp_api_sites_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
 int kp_api_site_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_site_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_site_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+/* kp_api_modalities.c: the modality registry (system.configure), the table `pacsctl ae` manages;
+ * {name} (an AE title) is req->params[0]. Echo answers 200 {"ok", "detail"} (C-ECHO result). */
+int kp_api_modalities_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_modalities_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_modality_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_modality_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_modality_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_modality_echo(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 /* Helpers of the handlers (defined in kp_api_admin.c, shared with kp_api_reports.c). */
 /* The JSON body, or {} when the request has none; NULL when resp is answered (400). The
  * returned object is the caller's to json_decref. */
@@ -84,6 +92,13 @@ int kp_api_template_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http
 int kp_api_template_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 /* Closes the bus connection the PDF requests publish on (at gateway shutdown). */
 void kp_api_reports_shutdown(void);
+
+/* kp_openapi.c: the API as OpenAPI 3.0, built from the route table (GET /api/openapi.json,
+ * `pacs-gateway --openapi`); kp_openapi_summary is NULL for a route without a summary. */
+int kp_api_openapi(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+const char *kp_openapi_json(void);
+const char *kp_openapi_summary(const char *method, const char *pattern);
+void kp_openapi_free(void);
 
 /* kp_www.c: the login page (/app/login) and its script, from http.www_dir */
 int kp_www_init(const char *dir);

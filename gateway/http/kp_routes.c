@@ -1251,6 +1251,13 @@ static const kp_route_t s_routes[] = {
     {"GET", "/api/sites/{name}", "site.manage", kp_api_site_get},
     {"PUT", "/api/sites/{name}", "site.manage", kp_api_site_update},
     {"DELETE", "/api/sites/{name}", "site.manage", kp_api_site_delete},
+    /* the modality registry (kp_api_modalities.c; the table of pacsctl ae) */
+    {"GET", "/api/modalities", "system.configure", kp_api_modalities_list},
+    {"POST", "/api/modalities", "system.configure", kp_api_modalities_create},
+    {"GET", "/api/modalities/{name}", "system.configure", kp_api_modality_get},
+    {"PUT", "/api/modalities/{name}", "system.configure", kp_api_modality_update},
+    {"DELETE", "/api/modalities/{name}", "system.configure", kp_api_modality_delete},
+    {"POST", "/api/modalities/{name}/echo", "system.configure", kp_api_modality_echo},
     {"GET", "/api/audit", "audit.read", kp_api_audit_list},
     /* doctors' reports (kp_api_reports.c; docs/reports.md) */
     {"GET", "/api/studies/{study}/reports", "report.read", kp_api_study_reports},
@@ -1270,6 +1277,7 @@ static const kp_route_t s_routes[] = {
     {"GET", "/api/report-templates/{id}", "report.read", kp_api_template_get},
     {"PUT", "/api/report-templates/{id}", "system.configure", kp_api_template_update},
     {"DELETE", "/api/report-templates/{id}", "system.configure", kp_api_template_delete},
+    {"GET", "/api/openapi.json", KP_PERM_PUBLIC, kp_api_openapi},
     {"GET", "/healthz", KP_PERM_PUBLIC, kp_api_healthz},
     {"GET", "/readyz", KP_PERM_PUBLIC, kp_api_readyz},
     {"GET", "/metrics", KP_PERM_PUBLIC, kp_api_metrics},
@@ -1357,6 +1365,15 @@ void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http
         } else if (study[0] && !s_viewed_recently(req->id.user, study)) {
             action = "study.view";
         }
+    } else if (!strncmp(r->pattern, "/api/modalities", 15) && strcmp(req->method, "GET") &&
+               r->handler != kp_api_modality_echo) {
+        /* a change of the modality registry (an echo changes nothing) */
+        action = "admin.modality";
+        json_t *b = req->nparams || !resp->body ? NULL : json_loadb(resp->body, resp->len, 0, NULL);
+        const char *ae =
+            req->nparams ? req->params[0] : json_string_value(json_object_get(b, "ae_title"));
+        json_object_set_new(d, "target", json_string(ae ? ae : ""));
+        json_decref(b);
     } else if ((!strcmp(perm, "user.manage") || !strcmp(perm, "role.manage") ||
                 !strcmp(perm, "site.manage")) &&
                strcmp(req->method, "GET")) {

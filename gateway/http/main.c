@@ -1235,6 +1235,11 @@ static int s_print_routes(void)
 int main(int argc, char **argv)
 {
     if (argc == 2 && !strcmp(argv[1], "--routes")) return s_print_routes();
+    if (argc == 2 && !strcmp(argv[1], "--openapi")) {
+        puts(kp_openapi_json());
+        kp_openapi_free();
+        return 0;
+    }
     /* Streamed responses use 1 MiB buffers, decoded frames and rendered images are large too:
      * keep such blocks in the heap for reuse instead of a fresh mmap (and page faults, and an
      * munmap) per response, which cost more CPU than the copying itself. */
@@ -1378,6 +1383,7 @@ out:
     kp_audit_set_bus(NULL);
     kp_bus_destroy(&audit_bus);
     kp_api_health_shutdown();
+    kp_openapi_free();
     kp_api_reports_shutdown();
     kp_ingest_destroy(&s_g.ing);
     kp_storage_destroy(&s_g.st);

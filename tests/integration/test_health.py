@@ -32,6 +32,8 @@ def get(s, path):
 
 def test_healthz(own):
     _, s = own
+    st, h, j = get(s, "/api/openapi.json")  # public, the API's own description
+    assert st == 200 and j["openapi"].startswith("3.0") and "/api/auth/login" in j["paths"]
     st, h, j = get(s, "/healthz")
     assert st == 200 and h["content-type"].startswith("application/json")
     assert j["status"] == "ok" and j["process"] == "pacs-gateway" and j["uptime_s"] >= 0
