@@ -27,6 +27,7 @@
  * Encryption: AES-256-GCM in 1 MiB chunks, each with its own nonce (random 8-byte prefix + chunk
  * counter) and tag; the last chunk is marked in the associated data, so a truncated, reordered
  * or altered file is refused. */
+#include "kp_crypt.h"
 #include "kp_errors.h"
 #include "kp_log.h"
 #include "kp_storage.h"
@@ -53,9 +54,6 @@
 #include <unistd.h>
 
 extern char **environ;
-
-#define S_CHUNK (1u << 20)
-static const unsigned char s_magic[8] = {'K', 'P', 'B', 'K', '1', 0, 0, 0};
 
 /* ---- key --------------------------------------------------------------------------------------
  */
@@ -111,198 +109,15 @@ static int s_keygen(const char *path)
     return 0;
 }
 
-/* ---- encrypted streams ------------------------------------------------------------------------
- */
-typedef struct {
-    unsigned char key[32], prefix[8];
-    uint32_t n; /* chunks written */
-    int fd;
-    unsigned char *buf;
-    size_t len;
-    EVP_MD_CTX *sha; /* SHA-256 of the plaintext */
-    uint64_t bytes;
-} s_enc_t;
-
-static void s_nonce(const unsigned char prefix[8], uint32_t n, unsigned char nonce[12])
+/* An encrypted file at path (created 0600). 0, or KP_EIO with the reason printed. */
+static int s_enc_open(kp_crypt_enc_t *e, const unsigned char key[32], const char *path)
 {
-    memcpy(nonce, prefix, 8);
-    nonce[8] = (unsigned char)(n >> 24);
-    nonce[9] = (unsigned char)(n >> 16);
-    nonce[10] = (unsigned char)(n >> 8);
-    nonce[11] = (unsigned char)n;
-}
-
-static bool s_write_all(int fd, const void *p, size_t n)
-{
-    const char *c = p;
-    while (n) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return false;
-        c += w;
-        n -= (size_t)w;
-    }
-    return true;
-}
-
-static int s_chunk_out(s_enc_t *e, bool final)
-{
-    unsigned char nonce[12], tag[16], aad[9], hdr[4];
-    s_nonce(e->prefix, e->n, nonce);
-    memcpy(aad, s_magic, 8);
-    aad[8] = final ? 1 : 0;
-    unsigned char *ct = malloc(e->len + 16);
-    if (!ct) abort();
-    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    int l = 0, l2 = 0;
-    bool ok = c && EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, e->key, nonce) == 1 &&
-              EVP_EncryptUpdate(c, NULL, &l, aad, sizeof aad) == 1 &&
-              EVP_EncryptUpdate(c, ct, &l, e->buf, (int)e->len) == 1 &&
-              EVP_EncryptFinal_ex(c, ct + l, &l2) == 1 &&
-              EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, tag) == 1;
-    EVP_CIPHER_CTX_free(c);
-    uint32_t len = (uint32_t)e->len;
-    hdr[0] = (unsigned char)(len >> 24);
-    hdr[1] = (unsigned char)(len >> 16);
-    hdr[2] = (unsigned char)(len >> 8);
-    hdr[3] = (unsigned char)len;
-    ok = ok && s_write_all(e->fd, hdr, 4) && s_write_all(e->fd, ct, e->len) &&
-         s_write_all(e->fd, tag, 16);
-    free(ct);
-    e->n++;
-    e->len = 0;
-    return ok ? 0 : KP_EIO;
-}
-
-static int s_enc_open(s_enc_t *e, const unsigned char key[32], const char *path)
-{
-    memset(e, 0, sizeof *e);
-    memcpy(e->key, key, 32);
-    e->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    e->buf = malloc(S_CHUNK);
-    e->sha = EVP_MD_CTX_new();
-    if (e->fd < 0 || !e->buf || !e->sha || RAND_bytes(e->prefix, 8) != 1 ||
-        EVP_DigestInit_ex(e->sha, EVP_sha256(), NULL) != 1 || !s_write_all(e->fd, s_magic, 8) ||
-        !s_write_all(e->fd, e->prefix, 8)) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || kp_crypt_enc_open_fd(e, key, fd)) {
         fprintf(stderr, "pacsctl: cannot write %s: %s\n", path, strerror(errno));
         return KP_EIO;
     }
     return 0;
-}
-
-static int s_enc_write(s_enc_t *e, const void *data, size_t n)
-{
-    const unsigned char *p = data;
-    EVP_DigestUpdate(e->sha, p, n);
-    e->bytes += n;
-    while (n) {
-        size_t take = S_CHUNK - e->len < n ? S_CHUNK - e->len : n;
-        memcpy(e->buf + e->len, p, take);
-        e->len += take;
-        p += take;
-        n -= take;
-        if (e->len == S_CHUNK && s_chunk_out(e, false)) return KP_EIO;
-    }
-    return 0;
-}
-
-/* Writes the final chunk, fsyncs and closes; sha256 (hex) of the plaintext when not NULL. */
-static int s_enc_close(s_enc_t *e, char sha256[65], bool ok)
-{
-    int rc = ok ? s_chunk_out(e, true) : KP_EIO;
-    if (!rc && fsync(e->fd)) rc = KP_EIO;
-    if (e->fd >= 0) close(e->fd);
-    unsigned char d[32];
-    unsigned int dl = 0;
-    EVP_DigestFinal_ex(e->sha, d, &dl);
-    if (sha256)
-        for (int i = 0; i < 32; i++)
-            snprintf(sha256 + 2 * i, 3, "%02x", d[i]);
-    EVP_MD_CTX_free(e->sha);
-    free(e->buf);
-    OPENSSL_cleanse(e->key, sizeof e->key);
-    return rc;
-}
-
-/* Decrypts path, calling fn(user, data, n) for each chunk's plaintext. 0; KP_EINVAL when the
- * file is not intact (altered, truncated, wrong key) with the reason in why; KP_EIO; or what fn
- * returned. sha256 (hex) of the plaintext when not NULL. */
-static int s_decrypt(const char *path, const unsigned char key[32],
-                     int (*fn)(void *user, const unsigned char *p, size_t n), void *user,
-                     char sha256[65], const char **why)
-{
-    *why = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        *why = errno == ENOENT ? "missing" : strerror(errno);
-        return errno == ENOENT ? KP_ENOTFOUND : KP_EIO;
-    }
-    unsigned char head[16];
-    int rc = 0;
-    if (fread(head, 1, 16, f) != 16 || memcmp(head, s_magic, 8)) {
-        *why = "not a Klinika backup file";
-        fclose(f);
-        return KP_EINVAL;
-    }
-    unsigned char *ct = malloc(S_CHUNK + 16), *pt = malloc(S_CHUNK + 16);
-    EVP_MD_CTX *sha = EVP_MD_CTX_new();
-    if (!ct || !pt || !sha) abort();
-    EVP_DigestInit_ex(sha, EVP_sha256(), NULL);
-    bool final = false;
-    for (uint32_t n = 0; !rc && !final; n++) {
-        unsigned char hdr[4], tag[16], nonce[12], aad[9];
-        if (fread(hdr, 1, 4, f) != 4) {
-            *why = "truncated (no final chunk)";
-            rc = KP_EINVAL;
-            break;
-        }
-        uint32_t len =
-            (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
-        if (len > S_CHUNK || fread(ct, 1, len, f) != len || fread(tag, 1, 16, f) != 16) {
-            *why = "truncated or damaged";
-            rc = KP_EINVAL;
-            break;
-        }
-        s_nonce(head + 8, n, nonce);
-        memcpy(aad, s_magic, 8);
-        /* the final flag is not stored: try "not final", then "final" (a chunk shorter than
-         * S_CHUNK can only be the last one, but a full one may be too) */
-        for (int fl = 0; fl < 2; fl++) {
-            aad[8] = (unsigned char)fl;
-            EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-            int l = 0, l2 = 0;
-            bool ok = c && EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, nonce) == 1 &&
-                      EVP_DecryptUpdate(c, NULL, &l, aad, sizeof aad) == 1 &&
-                      EVP_DecryptUpdate(c, pt, &l, ct, (int)len) == 1 &&
-                      EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, 16, tag) == 1 &&
-                      EVP_DecryptFinal_ex(c, pt + l, &l2) == 1;
-            EVP_CIPHER_CTX_free(c);
-            if (ok) {
-                final = fl == 1;
-                EVP_DigestUpdate(sha, pt, len);
-                if (fn && len) rc = fn(user, pt, len);
-                goto next;
-            }
-        }
-        *why = "altered, or encrypted with another key (authentication failed)";
-        rc = KP_EINVAL;
-    next:;
-    }
-    if (!rc && fgetc(f) != EOF) {
-        *why = "data after the final chunk";
-        rc = KP_EINVAL;
-    }
-    unsigned char d[32];
-    unsigned int dl = 0;
-    EVP_DigestFinal_ex(sha, d, &dl);
-    if (sha256)
-        for (int i = 0; i < 32; i++)
-            snprintf(sha256 + 2 * i, 3, "%02x", d[i]);
-    EVP_MD_CTX_free(sha);
-    free(ct);
-    free(pt);
-    fclose(f);
-    return rc;
 }
 
 /* ---- helpers ----------------------------------------------------------------------------------
@@ -448,16 +263,16 @@ static int s_backup_file(s_bk_t *b, const char *rel, bool referenced)
         *strrchr(odir, '/') = 0;
         if (s_mkdirs(odir)) return KP_EIO;
         snprintf(tmp, sizeof tmp, "%s.tmp.%d", obj, (int)getpid());
-        s_enc_t e;
+        kp_crypt_enc_t e;
         int fd = open(abs, O_RDONLY | O_CLOEXEC);
         int rc = fd < 0 ? KP_EIO : s_enc_open(&e, b->key, tmp);
         if (fd >= 0 && !rc) {
             char buf[1 << 16];
             ssize_t n;
             while (!rc && (n = read(fd, buf, sizeof buf)) > 0)
-                rc = s_enc_write(&e, buf, (size_t)n);
+                rc = kp_crypt_enc_write(&e, buf, (size_t)n);
             char got[65];
-            rc = s_enc_close(&e, got, rc == 0);
+            rc = kp_crypt_enc_close(&e, got, rc == 0);
             if (!rc && strcmp(got, sha)) {
                 fprintf(stderr, "pacsctl: %s changed while it was copied; run the backup again\n",
                         rel);
@@ -593,16 +408,16 @@ static int s_backup(const kp_config_t *cfg, const char *dir, const unsigned char
         goto out;
     }
     snprintf(path, sizeof path, "%s/db.enc", tmpsnap);
-    s_enc_t e;
+    kp_crypt_enc_t e;
     int er = s_enc_open(&e, key, path);
     char buf[1 << 16];
     ssize_t n;
     while ((n = read(pfd, buf, sizeof buf)) > 0)
-        if (!er) er = s_enc_write(&e, buf, (size_t)n);
+        if (!er) er = kp_crypt_enc_write(&e, buf, (size_t)n);
     close(pfd);
     bool dump_ok = s_wait_ok(pid, "pg_dump");
     uint64_t dbbytes = e.bytes;
-    er = s_enc_close(&e, dbsha, er == 0 && dump_ok);
+    er = kp_crypt_enc_close(&e, dbsha, er == 0 && dump_ok);
     if (er || !dump_ok) {
         json_decref(audit);
         goto out;
@@ -639,8 +454,8 @@ static int s_backup(const kp_config_t *cfg, const char *dir, const unsigned char
     char *text = json_dumps(manifest, JSON_COMPACT);
     snprintf(path, sizeof path, "%s/manifest.enc", tmpsnap);
     er = s_enc_open(&e, key, path);
-    if (!er) er = s_enc_write(&e, text, strlen(text));
-    er = s_enc_close(&e, NULL, er == 0);
+    if (!er) er = kp_crypt_enc_write(&e, text, strlen(text));
+    er = kp_crypt_enc_close(&e, NULL, er == 0);
     free(text);
     if (er) goto out;
     s_fsync_dir(tmpsnap);
@@ -691,7 +506,7 @@ static json_t *s_load_manifest(const char *snap, const unsigned char key[32], co
     char path[PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/manifest.enc", snap);
     s_mem_t m = {0};
-    if (s_decrypt(path, key, s_mem_add, &m, NULL, why)) {
+    if (kp_crypt_decrypt(path, key, s_mem_add, &m, NULL, why)) {
         free(m.buf);
         return NULL;
     }
@@ -716,7 +531,7 @@ static int s_to_fd(void *user, const unsigned char *p, size_t n)
 {
     s_fd_t *o = user;
     if (o->closed) return 0;
-    if (s_write_all(o->fd, p, n)) return 0;
+    if (kp_crypt_write_all(o->fd, p, n)) return 0;
     if (o->lenient && errno == EPIPE) {
         o->closed = true;
         return 0;
@@ -786,7 +601,7 @@ static bool s_restore_dump(const char *conninfo, const char *snap, const unsigne
     if (pid < 0) return false;
     s_fd_t sink = {.fd = pfd};
     const char *why = NULL;
-    int dr = s_decrypt(path, key, s_to_fd, &sink, got, &why);
+    int dr = kp_crypt_decrypt(path, key, s_to_fd, &sink, got, &why);
     close(pfd);
     bool restored = s_wait_ok(pid, "pg_restore");
     const char *want = json_string_value(json_object_get(json_object_get(m, "db"), "sha256"));
@@ -928,7 +743,7 @@ static int s_verify(const char *dir, const char *snap, const unsigned char key[3
         char obj[PATH_MAX], got[65];
         if (!rel || !sha) continue;
         s_object_path(dir, key, sha, obj, sizeof obj);
-        int rc = s_decrypt(obj, key, NULL, NULL, got, &why);
+        int rc = kp_crypt_decrypt(obj, key, NULL, NULL, got, &why);
         if (rc) {
             printf("BAD  %s: %s\n", rel, why ? why : kp_strerror(rc));
             bad++;
@@ -948,7 +763,7 @@ static int s_verify(const char *dir, const char *snap, const unsigned char key[3
     int pfd = -1;
     pid_t pid = s_spawn_pipe(list_argv, true, &pfd);
     s_fd_t sink = {.fd = pfd, .lenient = true};
-    int rc = pid < 0 ? KP_EIO : s_decrypt(path, key, s_to_fd, &sink, got, &why);
+    int rc = pid < 0 ? KP_EIO : kp_crypt_decrypt(path, key, s_to_fd, &sink, got, &why);
     if (pfd >= 0) close(pfd);
     bool list_ok = pid >= 0 && s_wait_ok(pid, "pg_restore --list");
     const char *want = json_string_value(json_object_get(json_object_get(m, "db"), "sha256"));
@@ -1016,7 +831,7 @@ static int s_restore(const kp_config_t *cfg, const char *dir, const char *snap,
         snprintf(abs, sizeof abs, "%s/%s", cfg->storage_root, rel);
         snprintf(tmp, sizeof tmp, "%s/restore.%d.%zu", kp_storage_tmpdir(st), (int)getpid(), i);
         s_fd_t out = {.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640)};
-        int dr = out.fd < 0 ? KP_EIO : s_decrypt(obj, key, s_to_fd, &out, got, &why);
+        int dr = out.fd < 0 ? KP_EIO : kp_crypt_decrypt(obj, key, s_to_fd, &out, got, &why);
         bool ok = !dr && !strcmp(got, sha) && fsync(out.fd) == 0;
         if (out.fd >= 0) close(out.fd);
         char pdir[PATH_MAX + 1100];
