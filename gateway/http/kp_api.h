@@ -62,6 +62,16 @@ int kp_api_query(const char *query, const char *key, char *out, size_t outlen);
 int kp_api_query_long(const kp_http_req_t *req, const char *key, long dflt, long min, long max,
                       long *out);
 
+/* kp_api_admin.c, shared with the other admin handlers (modalities):
+ * kp_api_opt_str: an optional string member of b of at most max bytes: 0 absent or null (*out
+ * NULL), 1 present, -1 invalid (answered 400). kp_api_list: a list endpoint whose one statement
+ * yields the whole JSON answer as text. kp_api_admin_begin: BEGIN plus the admin lock that
+ * serialises every change of users, roles, sites and modalities. */
+int kp_api_opt_str(struct json_t *b, const char *key, size_t max, const char **out,
+                   kp_http_resp_t *resp);
+int kp_api_list(kp_http_env_t *env, kp_http_resp_t *resp, const char *sql);
+int kp_api_admin_begin(kp_http_env_t *env);
+
 /* kp_api_health.c: GET /healthz (process up) and GET /readyz (database at our schema version,
  * pacs-busd answering, storage writable; 503 + Retry-After otherwise). Public, no patient data. */
 void kp_api_health_init(void);

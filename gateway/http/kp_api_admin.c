@@ -174,7 +174,7 @@ static bool s_email_ok(const char *s)
 }
 
 /* An optional string member: 0 absent or null (*out NULL), 1 present, -1 invalid (answered). */
-static int s_opt_str(json_t *b, const char *key, size_t max, const char **out, kp_http_resp_t *resp)
+int kp_api_opt_str(json_t *b, const char *key, size_t max, const char **out, kp_http_resp_t *resp)
 {
     json_t *v = json_object_get(b, key);
     *out = NULL;
@@ -346,7 +346,7 @@ static int s_mark_dead(kp_http_env_t *env, PGresult *res)
     return n;
 }
 
-static int s_begin(kp_http_env_t *env)
+int kp_api_admin_begin(kp_http_env_t *env)
 {
     int rc = kp_db_begin(env->db);
     if (!rc) rc = kp_db_run(env->db, S_LOCK, 0, NULL);
@@ -418,7 +418,7 @@ static int s_beyond_caller(kp_http_env_t *env, const kp_http_req_t *req, kp_http
     "user first)"
 
 /* A list endpoint: one statement yielding the whole JSON answer as text. */
-static int s_list(kp_http_env_t *env, kp_http_resp_t *resp, const char *sql)
+int kp_api_list(kp_http_env_t *env, kp_http_resp_t *resp, const char *sql)
 {
     PGresult *r = NULL;
     int rc = kp_db_exec(env->db, &r, sql, 0, NULL);
@@ -517,15 +517,15 @@ int kp_api_users_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
     const char *username, *display, *email, *lang, *pw;
     char roles[S_LIT_LEN], sites[S_LIT_LEN];
     PGresult *r = NULL;
-    if (s_opt_str(b, "username", 64, &username, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "username", 64, &username, resp) < 0) goto out;
     if (!username || !s_username_ok(username)) {
         rc = s_fail(resp, KP_EINVAL, "username is required: " S_USERNAME_RULE, NULL);
         goto out;
     }
-    if (s_opt_str(b, "display_name", 200, &display, resp) < 0 ||
-        s_opt_str(b, "email", 254, &email, resp) < 0 ||
-        s_opt_str(b, "language", 8, &lang, resp) < 0 ||
-        s_opt_str(b, "password", 4096, &pw, resp) < 0 ||
+    if (kp_api_opt_str(b, "display_name", 200, &display, resp) < 0 ||
+        kp_api_opt_str(b, "email", 254, &email, resp) < 0 ||
+        kp_api_opt_str(b, "language", 8, &lang, resp) < 0 ||
+        kp_api_opt_str(b, "password", 4096, &pw, resp) < 0 ||
         s_opt_bool(b, "temporary", &temporary, resp) < 0)
         goto out;
     if (email && !s_email_ok(email)) {
@@ -558,7 +558,7 @@ int kp_api_users_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
     }
     if ((rc = kp_password_hash(env->cfg, pw ? pw : generated, &hash))) goto out;
     const char *must = (!pw || temporary == 1) ? "true" : "false";
-    if ((rc = s_begin(env))) goto out;
+    if ((rc = kp_api_admin_begin(env))) goto out;
     if ((rc = s_known(env, resp, S_MISSING("roles"), roles, "role")) ||
         (rc = s_known(env, resp, S_MISSING("sites"), sites, "site")) ||
         (rc = s_beyond_caller(env, req, resp, S_ROLES_GRANTED, roles, "0", S_NOT_YOURS))) {
@@ -609,10 +609,10 @@ int kp_api_user_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     const char *display, *email, *lang, *uname;
     char roles[S_LIT_LEN], sites[S_LIT_LEN];
     PGresult *r = NULL, *revoked = NULL;
-    if (s_opt_str(b, "username", 64, &uname, resp) < 0 ||
-        s_opt_str(b, "display_name", 200, &display, resp) < 0 ||
-        s_opt_str(b, "email", 254, &email, resp) < 0 ||
-        s_opt_str(b, "language", 8, &lang, resp) < 0 ||
+    if (kp_api_opt_str(b, "username", 64, &uname, resp) < 0 ||
+        kp_api_opt_str(b, "display_name", 200, &display, resp) < 0 ||
+        kp_api_opt_str(b, "email", 254, &email, resp) < 0 ||
+        kp_api_opt_str(b, "language", 8, &lang, resp) < 0 ||
         s_opt_bool(b, "disabled", &disabled, resp) < 0)
         goto out;
     if (uname && strcasecmp(uname, name)) {
@@ -637,7 +637,7 @@ int kp_api_user_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     int hs =
         s_opt_names(b, "sites", s_site_ok, S_SITE_RULE, KP_AUTH_MAX_SITES, sites, &nsites, resp);
     if (hs < 0) goto out;
-    if ((rc = s_begin(env))) goto out;
+    if ((rc = kp_api_admin_begin(env))) goto out;
     const char *p[] = {name};
     rc = kp_db_exec(env->db, &r,
                     "SELECT id, username, disabled, array(SELECT role FROM user_roles WHERE "
@@ -761,7 +761,7 @@ int kp_api_user_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
 {
     const char *name = req->params[0];
     PGresult *r = NULL, *revoked = NULL;
-    int rc = s_begin(env);
+    int rc = kp_api_admin_begin(env);
     if (rc) goto out;
     const char *p[] = {name};
     rc = kp_db_exec(env->db, &r,
@@ -816,7 +816,7 @@ int kp_api_user_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_r
     int rc = 0, temporary = -1;
     char *generated = NULL, *hash = NULL;
     PGresult *r = NULL;
-    if (s_opt_str(b, "password", 4096, &pw, resp) < 0 ||
+    if (kp_api_opt_str(b, "password", 4096, &pw, resp) < 0 ||
         s_opt_bool(b, "temporary", &temporary, resp) < 0)
         goto out;
     const char *p[] = {name};
@@ -931,9 +931,9 @@ static void s_reload(kp_http_env_t *env)
 int kp_api_roles_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    return s_list(env, resp,
-                  "SELECT json_build_object('roles', coalesce(json_agg(" S_ROLE_OBJ
-                  " ORDER BY r.builtin DESC, r.name), '[]'::json))::text FROM roles r");
+    return kp_api_list(env, resp,
+                       "SELECT json_build_object('roles', coalesce(json_agg(" S_ROLE_OBJ
+                       " ORDER BY r.builtin DESC, r.name), '[]'::json))::text FROM roles r");
 }
 
 int kp_api_role_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
@@ -944,10 +944,10 @@ int kp_api_role_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t
 int kp_api_permissions_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    return s_list(env, resp,
-                  "SELECT json_build_object('permissions', coalesce(json_agg("
-                  "json_build_object('name', name, 'description', description) ORDER BY "
-                  "name), '[]'::json))::text FROM permissions");
+    return kp_api_list(env, resp,
+                       "SELECT json_build_object('permissions', coalesce(json_agg("
+                       "json_build_object('name', name, 'description', description) ORDER BY "
+                       "name), '[]'::json))::text FROM permissions");
 }
 
 /* The common members of POST and PUT /api/roles. -1 when answered. */
@@ -955,7 +955,7 @@ static int s_role_fields(json_t *b, kp_http_resp_t *resp, const char **desc, int
                          char perms[S_LIT_LEN], int *hp)
 {
     int n = 0;
-    if (s_opt_str(b, "description", 1000, desc, resp) < 0 ||
+    if (kp_api_opt_str(b, "description", 1000, desc, resp) < 0 ||
         s_opt_bool(b, "require_mfa", mfa, resp) < 0)
         return -1;
     *hp = s_opt_names(b, "permissions", s_perm_ok, "see GET /api/permissions", 32, perms, &n, resp);
@@ -971,13 +971,13 @@ int kp_api_roles_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
     const char *name, *desc;
     char perms[S_LIT_LEN];
     PGresult *r = NULL;
-    if (s_opt_str(b, "name", 64, &name, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "name", 64, &name, resp) < 0) goto out;
     if (!name || !s_role_ok(name)) {
         rc = s_fail(resp, KP_EINVAL, "name is required: " S_ROLE_RULE, NULL);
         goto out;
     }
     if (s_role_fields(b, resp, &desc, &mfa, perms, &hp)) goto out;
-    if ((rc = s_begin(env))) goto out;
+    if ((rc = kp_api_admin_begin(env))) goto out;
     if ((rc = s_known(env, resp, S_MISSING("permissions"), perms, "permission")) ||
         (rc = s_beyond_caller(env, req, resp, S_PERMS_ADDED, perms, "", S_NOT_YOURS))) {
         if (rc == 1) rc = 0;
@@ -1016,13 +1016,13 @@ int kp_api_role_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     int rc = 0, mfa = -1, hp = 0;
     char perms[S_LIT_LEN];
     PGresult *r = NULL, *revoked = NULL;
-    if (s_opt_str(b, "name", 64, &newname, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "name", 64, &newname, resp) < 0) goto out;
     if (newname && strcmp(newname, name)) {
         rc = s_fail(resp, KP_EINVAL, "a role cannot be renamed", NULL);
         goto out;
     }
     if (s_role_fields(b, resp, &desc, &mfa, perms, &hp)) goto out;
-    if ((rc = s_begin(env))) goto out;
+    if ((rc = kp_api_admin_begin(env))) goto out;
     const char *p[] = {name, hp == 1 ? perms : NULL, desc};
     rc = kp_db_exec(env->db, &r,
                     "SELECT builtin, require_mfa, $2::text[] IS NOT NULL AND array(SELECT "
@@ -1111,7 +1111,7 @@ int kp_api_role_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
 {
     const char *name = req->params[0];
     PGresult *r = NULL;
-    int rc = s_begin(env);
+    int rc = kp_api_admin_begin(env);
     if (rc) goto out;
     const char *p[] = {name};
     rc = kp_db_exec(env->db, &r,
@@ -1159,9 +1159,9 @@ static int s_site_answer(kp_http_env_t *env, const char *name, kp_http_resp_t *r
 int kp_api_sites_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    return s_list(env, resp,
-                  "SELECT json_build_object('sites', coalesce(json_agg(" S_SITE_OBJ
-                  " ORDER BY s.name), '[]'::json))::text FROM sites s");
+    return kp_api_list(env, resp,
+                       "SELECT json_build_object('sites', coalesce(json_agg(" S_SITE_OBJ
+                       " ORDER BY s.name), '[]'::json))::text FROM sites s");
 }
 
 int kp_api_site_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
@@ -1177,12 +1177,12 @@ int kp_api_sites_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
     const char *name, *desc;
     int rc = 0;
     PGresult *r = NULL;
-    if (s_opt_str(b, "name", 64, &name, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "name", 64, &name, resp) < 0) goto out;
     if (!name || !s_site_ok(name)) {
         rc = s_fail(resp, KP_EINVAL, "name is required: " S_SITE_RULE, NULL);
         goto out;
     }
-    if (s_opt_str(b, "description", 1000, &desc, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "description", 1000, &desc, resp) < 0) goto out;
     const char *p[] = {name, desc};
     rc = kp_db_exec(env->db, &r,
                     "INSERT INTO sites (name, description) VALUES ($1, coalesce($2, '')) ON "
@@ -1209,8 +1209,8 @@ int kp_api_site_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
     const char *name = req->params[0], *newname, *desc;
     int rc = 0;
     PGresult *r = NULL;
-    if (s_opt_str(b, "name", 64, &newname, resp) < 0 ||
-        s_opt_str(b, "description", 1000, &desc, resp) < 0)
+    if (kp_api_opt_str(b, "name", 64, &newname, resp) < 0 ||
+        kp_api_opt_str(b, "description", 1000, &desc, resp) < 0)
         goto out;
     if (newname && strcmp(newname, name)) {
         rc = s_fail(resp, KP_EINVAL, "a site cannot be renamed",
@@ -1240,7 +1240,7 @@ int kp_api_site_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
 {
     const char *name = req->params[0];
     PGresult *r = NULL;
-    int rc = s_begin(env);
+    int rc = kp_api_admin_begin(env);
     if (rc) goto out;
     const char *p[] = {name};
     rc = kp_db_exec(env->db, &r,

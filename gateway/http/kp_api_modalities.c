@@ -24,8 +24,6 @@
 #include <string.h>
 
 /* clang-format off: the SQL fragments below are laid out by hand */
-/* The admin API's lock (kp_api_admin.c S_LOCK): site deletions take it too. */
-#define S_LOCK    "SELECT pg_advisory_xact_lock(7150002)"
 #define S_TS(col) "to_char((" col ") AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 #define S_MOD_OBJ                                                                                  \
     "json_build_object('ae_title', m.ae_title, 'host', m.host, 'port', m.port, 'description', "    \
@@ -52,23 +50,6 @@ static bool s_ae_ok(const char *ae)
     for (size_t i = 0; i < n; i++)
         if (ae[i] < 0x20 || ae[i] > 0x7e || ae[i] == '\\') return false;
     return true;
-}
-
-/* An optional string member: 0 absent or null (*out NULL), 1 present, -1 invalid (answered). */
-static int s_opt_str(json_t *b, const char *key, size_t max, const char **out, kp_http_resp_t *resp)
-{
-    json_t *v = json_object_get(b, key);
-    *out = NULL;
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_string(v) || json_string_length(v) > max ||
-        strlen(json_string_value(v)) != json_string_length(v)) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "%s must be a string of at most %zu bytes", key, max);
-        kp_http_error(resp, KP_EINVAL, 0, msg, NULL);
-        return -1;
-    }
-    *out = json_string_value(v);
-    return 1;
 }
 
 /* An optional boolean member as "true" / "false" (*out NULL when absent or null). 0, or -1
@@ -99,9 +80,9 @@ typedef struct {
 static int s_fields(json_t *b, s_fields_t *f, kp_http_resp_t *resp)
 {
     memset(f, 0, sizeof *f);
-    if (s_opt_str(b, "host", 253, &f->host, resp) < 0 ||
-        s_opt_str(b, "description", 1000, &f->description, resp) < 0 ||
-        s_opt_str(b, "site", 64, &f->site, resp) < 0 ||
+    if (kp_api_opt_str(b, "host", 253, &f->host, resp) < 0 ||
+        kp_api_opt_str(b, "description", 1000, &f->description, resp) < 0 ||
+        kp_api_opt_str(b, "site", 64, &f->site, resp) < 0 ||
         s_opt_bool(b, "allow_store", &f->allow_store, resp) < 0 ||
         s_opt_bool(b, "allow_find", &f->allow_find, resp) < 0 ||
         s_opt_bool(b, "allow_retrieve", &f->allow_retrieve, resp) < 0 ||
@@ -126,8 +107,7 @@ static int s_fields(json_t *b, s_fields_t *f, kp_http_resp_t *resp)
  * 0, 1 answered 400, or a negative code (the caller rolls back). */
 static int s_begin_site(kp_http_env_t *env, kp_http_resp_t *resp, const char *site)
 {
-    int rc = kp_db_begin(env->db);
-    if (!rc) rc = kp_db_run(env->db, S_LOCK, 0, NULL);
+    int rc = kp_api_admin_begin(env);
     if (rc || !site || !*site) return rc;
     const char *p[] = {site};
     PGresult *r = NULL;
@@ -160,15 +140,9 @@ static int s_answer(kp_http_env_t *env, const char *ae, kp_http_resp_t *resp, in
 int kp_api_modalities_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     (void)req;
-    PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "SELECT json_build_object('modalities', coalesce(json_agg(" S_MOD_OBJ
-                        " ORDER BY m.ae_title), '[]'::json))::text FROM modalities m",
-                        0, NULL);
-    if (rc) return rc;
-    kp_api_text_resp(resp, 200, PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return 0;
+    return kp_api_list(env, resp,
+                       "SELECT json_build_object('modalities', coalesce(json_agg(" S_MOD_OBJ
+                       " ORDER BY m.ae_title), '[]'::json))::text FROM modalities m");
 }
 
 int kp_api_modality_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
@@ -186,7 +160,7 @@ int kp_api_modalities_create(kp_http_env_t *env, const kp_http_req_t *req, kp_ht
     s_fields_t f;
     int rc = 0;
     PGresult *r = NULL;
-    if (s_opt_str(b, "ae_title", 64, &ae, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "ae_title", 64, &ae, resp) < 0) goto out;
     if (!ae || !s_ae_ok(ae)) {
         rc = s_fail(resp, KP_EINVAL, "ae_title is required: " S_AE_RULE, NULL);
         goto out;
@@ -234,7 +208,7 @@ int kp_api_modality_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http
     s_fields_t f;
     int rc = 0;
     PGresult *r = NULL;
-    if (s_opt_str(b, "ae_title", 64, &newae, resp) < 0) goto out;
+    if (kp_api_opt_str(b, "ae_title", 64, &newae, resp) < 0) goto out;
     if (newae && strcmp(newae, ae)) {
         rc = s_fail(resp, KP_EINVAL, "an AE title cannot be changed",
                     "register the new AE title (POST /api/modalities), then remove the old one");

@@ -56,8 +56,7 @@ void kp_metrics_http(const char *route, const char *method, int status, double s
     s_series_t *s = NULL;
     for (size_t i = 0; i < s_m.nseries; i++) {
         s_series_t *x = &s_m.series[i];
-        if (x->status == status && (x->route == route || !strcmp(x->route, route)) &&
-            !strcmp(x->method, m)) {
+        if (x->route == route && x->status == status && !strcmp(x->method, m)) {
             s = x;
             break;
         }
@@ -74,7 +73,7 @@ void kp_metrics_http(const char *route, const char *method, int status, double s
         s_m.dropped++;
     s_hist_t *h = NULL;
     for (size_t i = 0; i < s_m.nhist; i++)
-        if (s_m.hist[i].route == route || !strcmp(s_m.hist[i].route, route)) {
+        if (s_m.hist[i].route == route) {
             h = &s_m.hist[i];
             break;
         }

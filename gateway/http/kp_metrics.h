@@ -24,7 +24,10 @@ typedef enum {
     KP_MET_N
 } kp_metric_t;
 
-/* Records one answered request: route pattern (NULL = "unrouted"), method, status, seconds. */
+/* Records one answered request: route pattern (NULL = "unrouted"), method, status, seconds.
+ * route must be a string with static storage, the same pointer for the same route (the route
+ * table's pattern, or one literal per kind): series are found by pointer, not by comparing
+ * text, to keep the per-request cost small. */
 void kp_metrics_http(const char *route, const char *method, int status, double seconds);
 /* Adds delta to a counter or gauge. */
 void kp_metrics_add(kp_metric_t m, long delta);

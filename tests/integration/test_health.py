@@ -207,12 +207,15 @@ def test_monitoring_files_use_real_metrics(own):
 def test_audit_textfile_reports_a_broken_chain(own):
     _, s = own
     tf = os.path.join(s.dir, "audit-broken.prom")
+    # record 1 must exist before it can be altered (run alone, the trail may still be empty)
+    kp.wait_for(lambda: s.sql("SELECT count(*) FROM audit_log")[0][0] >= 1, 60, "an audit record")
     import psycopg2
     c = psycopg2.connect(s.dsn)  # as a superuser could: the append-only trigger off
     try:
         cur = c.cursor()
         cur.execute("ALTER TABLE audit_log DISABLE TRIGGER ALL")
         cur.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1")
+        assert cur.rowcount == 1
         cur.execute("ALTER TABLE audit_log ENABLE TRIGGER ALL")
         c.commit()
     finally:

@@ -19,6 +19,7 @@
  * or nothing. A batch that fails (a malformed payload, say) is retried job by job, so one bad
  * job cannot block the others; a job that fails alone gets last_error and DONE ok=false, and
  * the sweep retries it until jobs.max_attempts. */
+#include "kp_worker.h"
 #include "kp_audit.h"
 #include "kp_bus.h"
 #include "kp_config.h"
@@ -35,17 +36,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#define S_BATCH 256
+#define S_BATCH         256
 #define S_BATCH_WAIT_MS 20
-#define S_CREDIT 512
+#define S_CREDIT        512
 
 static volatile sig_atomic_t s_stop;
-
-static void s_on_signal(int sig)
-{
-    (void)sig;
-    s_stop = 1;
-}
 
 static long s_now_ms(void)
 {
@@ -102,21 +97,24 @@ static int s_append(kp_db_t *db, const int64_t *ids, size_t n, long *appended)
     if ((rc = kp_db_run(db, "SELECT pg_advisory_xact_lock(" KP_AUDIT_CHAIN_LOCK ")", 0, NULL)))
         goto fail;
     const char *p1[] = {idarr};
-    rc = kp_db_exec(db, &claim,
-                    "UPDATE jobs SET state = 'done', updated_at = now(), last_error = NULL WHERE "
-                    "id = ANY($1::bigint[]) AND state = 'pending' AND type = '" KP_AUDIT_JOB
-                    "' RETURNING id, payload::text, " KP_AUDIT_AT_SQL(
-                        "coalesce((payload->>'at')::timestamptz, created_at)") ", "
-                    "EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = jobs.id::text)",
-                    1, p1);
+    rc = kp_db_exec(
+        db, &claim,
+        "UPDATE jobs SET state = 'done', updated_at = now(), last_error = NULL WHERE "
+        "id = ANY($1::bigint[]) AND state = 'pending' AND type = '" KP_AUDIT_JOB
+        "' RETURNING id, payload::text, " KP_AUDIT_AT_SQL(
+            "coalesce((payload->>'at')::timestamptz, created_at)") ", "
+                                                                   "EXISTS (SELECT 1 FROM "
+                                                                   "audit_log a WHERE a.event_id = "
+                                                                   "jobs.id::text)",
+        1, p1);
     if (rc) goto fail;
     int nrows = PQntuples(claim);
     cl = calloc((size_t)nrows + 1, sizeof *cl);
     if (!cl) abort();
     for (int i = 0; i < nrows; i++) {
         if (PQgetvalue(claim, i, 3)[0] == 't') continue; /* recorded already */
-        s_claimed_t c = {.id = atoll(PQgetvalue(claim, i, 0)), .row = i,
-                         .at = PQgetvalue(claim, i, 2)};
+        s_claimed_t c = {
+            .id = atoll(PQgetvalue(claim, i, 0)), .row = i, .at = PQgetvalue(claim, i, 2)};
         c.payload = json_loads(PQgetvalue(claim, i, 1), 0, NULL);
         const char *action = c.payload ? s_str(c.payload, "action") : NULL;
         const char *outcome = c.payload ? s_str(c.payload, "outcome") : NULL;
@@ -168,8 +166,8 @@ static int s_append(kp_db_t *db, const int64_t *ids, size_t n, long *appended)
             continue;
         }
         json_t *row = json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:s}", "seq", (json_int_t)rec.seq,
-                                "event_id", event_id, "at", rec.at, "action", rec.action,
-                                "outcome", rec.outcome, "prev_hash", prev, "hash", hash);
+                                "event_id", event_id, "at", rec.at, "action", rec.action, "outcome",
+                                rec.outcome, "prev_hash", prev, "hash", hash);
         const char *opt[][2] = {{"actor", rec.actor},
                                 {"client", rec.client},
                                 {"patient_id", rec.patient_id},
@@ -215,7 +213,8 @@ static int s_append(kp_db_t *db, const int64_t *ids, size_t n, long *appended)
 fail:
     kp_db_rollback(db);
 out:
-    for (size_t i = 0; i < ncl; i++) json_decref(cl[i].payload);
+    for (size_t i = 0; i < ncl; i++)
+        json_decref(cl[i].payload);
     free(cl);
     if (claim) PQclear(claim);
     if (r) PQclear(r);
@@ -237,18 +236,10 @@ static void s_job_error(kp_db_t *db, int64_t id, int code)
 
 int main(int argc, char **argv)
 {
-    bool exit_now = false;
     int rc = 1;
-    kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-auditor", &exit_now, NULL);
-    if (!cfg) return exit_now ? 0 : 1;
-    if (exit_now) {
-        kp_config_destroy(&cfg);
-        return 0;
-    }
-    struct sigaction sa = {.sa_handler = s_on_signal};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    kp_config_t *cfg = kp_worker_start(argc, argv, "pacs-auditor", &s_stop, NULL, &rc);
+    if (!cfg) return rc;
+    rc = 1;
 
     kp_db_t *db = NULL;
     kp_bus_t *bus = NULL;
@@ -292,7 +283,8 @@ int main(int argc, char **argv)
         }
         int br = m ? s_append(db, ids, m, &appended) : 0;
         if (!br) {
-            for (size_t i = 0; i < m; i++) kp_bus_job_done(bus, ids[i], true);
+            for (size_t i = 0; i < m; i++)
+                kp_bus_job_done(bus, ids[i], true);
         } else {
             kp_warn("audit", "batch of %zu not appended (%s); retrying job by job", m,
                     kp_strerror(br));
@@ -310,7 +302,8 @@ int main(int argc, char **argv)
             }
             if (kp_db_ensure(db)) usleep(500 * 1000); /* database down: do not spin */
         }
-        for (size_t i = 0; i < n; i++) kp_msg_clear(&msgs[i]);
+        for (size_t i = 0; i < n; i++)
+            kp_msg_clear(&msgs[i]);
     }
     kp_info("main", "stopping after %ld audit records appended", appended);
     rc = 0;

@@ -11,6 +11,7 @@
  * With compress.enabled off it takes no jobs and only finishes pending removals. Any number of
  * compressors may run: one scans at a time (advisory lock), the broker spreads the jobs. */
 #include "compressor.h"
+#include "kp_worker.h"
 #include "kp_dicom.h"
 #include "kp_errors.h"
 #include "kp_log.h"
@@ -28,12 +29,6 @@
 #define S_MAX_STUDIES   64
 
 static volatile sig_atomic_t s_stop;
-
-static void s_on_signal(int sig)
-{
-    (void)sig;
-    s_stop = 1;
-}
 
 static long s_now_ms(void)
 {
@@ -88,18 +83,10 @@ static void s_scan_arrivals(compressor_t *c, s_arrivals_t *a)
 
 int main(int argc, char **argv)
 {
-    bool exit_now = false;
     int rc = 1;
-    kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-compressor", &exit_now, NULL);
-    if (!cfg) return exit_now ? 0 : 1;
-    if (exit_now) {
-        kp_config_destroy(&cfg);
-        return 0;
-    }
-    struct sigaction sa = {.sa_handler = s_on_signal};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    kp_config_t *cfg = kp_worker_start(argc, argv, "pacs-compressor", &s_stop, NULL, &rc);
+    if (!cfg) return rc;
+    rc = 1;
 
     compressor_t c = {.cfg = cfg};
     kp_storage_t *st = NULL;

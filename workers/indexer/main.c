@@ -6,6 +6,7 @@
  * harmless. After a commit it publishes `study.changed` for each touched study (the gateway's
  * metadata cache listens). If the database is down the jobs are reported not-ok to the broker
  * and stay pending in the outbox; the sweep in pacs-busd publishes them again later. */
+#include "kp_worker.h"
 #include "kp_bus.h"
 #include "kp_config.h"
 #include "kp_db.h"
@@ -25,12 +26,6 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t s_stop;
-
-static void s_on_signal(int sig)
-{
-    (void)sig;
-    s_stop = 1;
-}
 
 static const char *s_str(json_t *o, const char *key)
 {
@@ -68,18 +63,10 @@ static void s_publish_changes(kp_bus_t *bus, kp_index_item_t *items, size_t n)
 
 int main(int argc, char **argv)
 {
-    bool exit_now = false;
     int rc = 1;
-    kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-indexer", &exit_now, NULL);
-    if (!cfg) return exit_now ? 0 : 1;
-    if (exit_now) {
-        kp_config_destroy(&cfg);
-        return 0;
-    }
-    struct sigaction sa = {.sa_handler = s_on_signal};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    kp_config_t *cfg = kp_worker_start(argc, argv, "pacs-indexer", &s_stop, NULL, &rc);
+    if (!cfg) return rc;
+    rc = 1;
 
     kp_storage_t *st = NULL;
     kp_db_t *db = NULL;

@@ -17,6 +17,7 @@
  * missing) marks report_pdfs and the job failed with the reason; a transient one (database,
  * storage) records last_error and lets the outbox sweep retry, until jobs.max_attempts, when it
  * becomes permanent. A job's failure never stops the worker. */
+#include "kp_worker.h"
 #include "kp_bus.h"
 #include "kp_config.h"
 #include "kp_db.h"
@@ -47,12 +48,6 @@
 #define S_SOURCE "REPORTER" /* recorded with the index job as the calling AE */
 
 static volatile sig_atomic_t s_stop;
-
-static void s_on_signal(int sig)
-{
-    (void)sig;
-    s_stop = 1;
-}
 
 typedef struct {
     const kp_config_t *cfg;
@@ -565,16 +560,12 @@ static int s_bench(const kp_config_t *cfg, int n)
 
 int main(int argc, char **argv)
 {
-    bool exit_now = false;
     int rc = 1;
     int rest[argc + 1];
     memset(rest, 0, sizeof rest);
-    kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-reporter", &exit_now, rest);
-    if (!cfg) return exit_now ? 0 : 1;
-    if (exit_now) {
-        kp_config_destroy(&cfg);
-        return 0;
-    }
+    kp_config_t *cfg = kp_worker_start(argc, argv, "pacs-reporter", &s_stop, rest, &rc);
+    if (!cfg) return rc;
+    rc = 1;
     for (int i = 1; i < argc; i++) {
         if (!rest[i]) continue;
         if (!strcmp(argv[i], "--bench-render") && i + 1 < argc && atoi(argv[i + 1]) > 0) {
@@ -588,10 +579,6 @@ int main(int argc, char **argv)
         kp_config_destroy(&cfg);
         return 1;
     }
-    struct sigaction sa = {.sa_handler = s_on_signal};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
     if (cfg->report_timezone[0]) setenv("TZ", cfg->report_timezone, 1);
     tzset();
 
