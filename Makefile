@@ -89,6 +89,8 @@ UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o
 UNIT_EXTRA_test_multipart := $(BUILD)/obj/gateway/http/kp_multipart.o
 UNIT_EXTRA_test_metrics := $(BUILD)/obj/gateway/http/kp_metrics.o
 UNIT_EXTRA_test_find_sql := $(BUILD)/obj/gateway/dimse/kp_find_sql.o
+UNIT_EXTRA_test_zap := $(BUILD)/obj/bus/busd/kp_zap.o
+$(BUILD)/obj/tests/unit/bus/test_zap.o: CFLAGS += -Ibus/busd
 $(BUILD)/obj/tests/unit/dimse/%.o: CFLAGS += -Igateway/dimse
 
 define PROGRAM_RULE

@@ -41,6 +41,10 @@ struct kp_bus {
     char types[KP_BUS_MAX_TYPES][KP_MSG_TYPE_MAX + 1];
     int ntypes, credit, held; /* held: jobs received and not yet reported done */
     int64_t last_heard, next_hb;
+    /* counters announced in every HB (pacsctl workers shows them) */
+    int64_t done, failed, current_id, current_since; /* current_since: wall-clock ms */
+    char current_type[KP_MSG_TYPE_MAX + 1];
+    int64_t started; /* wall-clock seconds */
 };
 
 struct kp_bus_sub {
@@ -53,6 +57,13 @@ static int64_t s_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t s_wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
@@ -182,6 +193,7 @@ kp_bus_t *kp_bus_new(const kp_config_t *cfg, const char *kind)
              kind && *kind ? kind : "bus");
     bus->hb_ms = (int)cfg->bus_heartbeat_ms;
     bus->liveness = (int)cfg->bus_heartbeat_liveness;
+    bus->started = s_wall_ms() / 1000;
     bus->jobs_endpoint = strdup(cfg->bus_jobs_endpoint);
     if (!bus->jobs_endpoint) abort();
     if (kp_curve_client(cfg, &bus->curve)) goto error;
@@ -257,6 +269,7 @@ static void s_send_ready(kp_bus_t *bus)
     json_object_set_new(body, "types", types);
     json_object_set_new(body, "credit", json_integer(credit));
     json_object_set_new(body, "name", json_string(bus->name));
+    json_object_set_new(body, "started", json_integer(bus->started));
     if (kp_msg_encode_map(body, &buf, &len)) {
         kp_error("bus", "cannot encode READY");
         goto error;
@@ -271,10 +284,32 @@ error:
     json_decref(body);
 }
 
+/* A worker's heartbeat carries its counters: {v, done, failed, started, current: null |
+ * {id, type, running_ms}} (schema/messages.md). */
 static void s_send_hb(kp_bus_t *bus, int64_t now)
 {
+    char *buf = NULL;
+    size_t len = 0;
+    json_t *body = json_pack("{s:i,s:I,s:I,s:I}", "v", KP_MSG_VERSION, "done",
+                             (json_int_t)bus->done, "failed", (json_int_t)bus->failed, "started",
+                             (json_int_t)bus->started);
+    if (!body) abort();
+    if (bus->current_id > 0) {
+        int64_t running = s_wall_ms() - bus->current_since;
+        json_object_set_new(body, "current",
+                            json_pack("{s:I,s:s,s:I}", "id", (json_int_t)bus->current_id, "type",
+                                      bus->current_type, "running_ms",
+                                      (json_int_t)(running > 0 ? running : 0)));
+    }
+    if (kp_msg_encode_map(body, &buf, &len)) {
+        free(buf);
+        buf = NULL;
+        len = 0;
+    }
     /* A failure (not connected) is fine: the broker will notice the silence. */
-    (void)s_send(bus->jobs, KP_BUS_HB, NULL, 0, ZMQ_DONTWAIT);
+    (void)s_send(bus->jobs, KP_BUS_HB, buf, len, ZMQ_DONTWAIT);
+    free(buf);
+    json_decref(body);
     bus->next_hb = now + bus->hb_ms;
 }
 
@@ -344,6 +379,9 @@ static int s_worker_drain(kp_bus_t *bus, kp_msg_t *out)
             zmq_msg_close(&body);
             if (rc == 0) {
                 bus->held++;
+                bus->current_id = out->id;
+                bus->current_since = s_wall_ms();
+                snprintf(bus->current_type, sizeof bus->current_type, "%s", out->type);
                 return 1;
             }
             kp_warn("bus", "dropping a malformed JOB from the broker: %s", kp_strerror(rc));
@@ -396,6 +434,11 @@ int kp_bus_job_done(kp_bus_t *bus, int64_t id, bool ok)
     json_t *body = json_pack("{s:I,s:b}", "id", (json_int_t)id, "ok", ok);
     if (!body) abort();
     if (bus->held > 0) bus->held--;
+    if (ok)
+        bus->done++;
+    else
+        bus->failed++;
+    if (id == bus->current_id) bus->current_id = 0;
     if ((rc = kp_msg_encode_map(body, &buf, &len))) goto error;
     rc = bus->jobs ? s_send(bus->jobs, KP_BUS_DONE, buf, len, ZMQ_DONTWAIT) : KP_EBUS;
     if (rc) kp_debug("bus", "DONE for job %lld not sent: broker not connected", (long long)id);

@@ -24,9 +24,6 @@
 #include <zmq.h>
 
 #define S_MAX_QUEUES 1024 /* distinct job types */
-#define S_MAX_JOBS                                                                                 \
-    500000 /* queued + in flight; beyond, SUBMITs are dropped (outbox keeps them)                  \
-            */
 #define S_MAX_WORKERS 4096
 #define S_IDENT_MAX   255
 #define S_CMD_MAX     16
@@ -57,6 +54,12 @@ struct s_worker {
     char types[KP_BUS_MAX_TYPES][KP_MSG_TYPE_MAX + 1];
     int ntypes, credit, inflight;
     int64_t last_seen, next_hb, last_dispatch;
+    int64_t ready_at;              /* monotonic ms of its first READY on this connection */
+    int64_t started;               /* the process's start, wall-clock s (READY / HB) */
+    int64_t done, failed;          /* its own counters, from its last HB */
+    int64_t current_id, running_ms; /* the job it said it was working on, and for how long */
+    int64_t hb_at;                 /* monotonic ms of that HB */
+    char current_type[KP_MSG_TYPE_MAX + 1];
     bool stalled; /* its send queue was full during this dispatch round */
     s_worker_t *next;
 };
@@ -65,6 +68,9 @@ struct kp_broker {
     void *router;
     int64_t hb_ms, lost_ms, job_timeout_ms;
     int max_attempts;
+    size_t max_jobs; /* queued + in flight (bus.max_jobs); beyond, SUBMITs are dropped: the
+                      * outbox keeps them and the sweep publishes them again after the lease */
+    bool full;       /* said so in the log; cleared below 90 % */
     s_queue_t **queues;
     size_t nqueues;
     s_worker_t *workers;
@@ -200,6 +206,10 @@ static void s_job_free(kp_broker_t *b, s_job_t *j)
     s_hash_remove(b, j);
     kp_msg_clear(&j->msg);
     free(j);
+    if (b->full && b->njobs < b->max_jobs / 10 * 9) {
+        b->full = false;
+        kp_info("bus", "below 90 %% of bus.max_jobs again: accepting new jobs");
+    }
 }
 
 /* Puts an in-flight job back at the front of its queue for another try, or gives up on it
@@ -308,9 +318,15 @@ static int s_submit(kp_broker_t *b, const void *body, size_t len, const char *fr
         goto done;
     }
     rc = KP_EAGAIN;
-    if (b->njobs >= S_MAX_JOBS) {
-        kp_logc(KP_LOG_WARN, "bus", ctx,
-                "broker full (%d jobs), SUBMIT dropped (the outbox keeps it)", S_MAX_JOBS);
+    if (b->njobs >= b->max_jobs) {
+        if (!b->full)
+            kp_warn("bus",
+                    "holding bus.max_jobs = %zu jobs: new jobs wait in the outbox until workers "
+                    "catch up (back-pressure; nothing is lost)",
+                    b->max_jobs);
+        b->full = true;
+        kp_logc(KP_LOG_DEBUG, "bus", ctx,
+                "broker full (%zu jobs), SUBMIT dropped (the outbox keeps it)", b->max_jobs);
         goto done;
     }
     s_queue_t *q = s_queue(b, m.type, true);
@@ -377,6 +393,7 @@ static void s_ready(kp_broker_t *b, const void *ident, size_t ilen, const void *
         if (!w) abort();
         memcpy(w->ident, ident, ilen);
         w->ident_len = ilen;
+        w->ready_at = s_now_ms();
         w->next = b->workers;
         b->workers = w;
         b->nworkers++;
@@ -390,6 +407,8 @@ static void s_ready(kp_broker_t *b, const void *ident, size_t ilen, const void *
         snprintf(w->types[i], sizeof w->types[i], "%s",
                  json_string_value(json_array_get(types, (size_t)i)));
     w->credit = (int)json_integer_value(credit);
+    json_t *started = json_object_get(m, "started");
+    if (json_is_integer(started)) w->started = json_integer_value(started);
     w->last_seen = s_now_ms();
     w->next_hb = w->last_seen; /* greet it with a heartbeat right away */
     kp_info("bus", "worker %s ready: %d type(s) starting with %s, credit %d", w->name, w->ntypes,
@@ -429,6 +448,50 @@ bad:
     json_decref(m);
 }
 
+/* A worker's HB body: its counters (schema/messages.md). An empty body (older peers, pacsctl)
+ * or a malformed one changes nothing: a heartbeat is a sign of life first. */
+static void s_hb(s_worker_t *w, const void *body, size_t len)
+{
+    json_t *m = NULL;
+    if (!w || !len || kp_msg_decode_map(body, len, &m)) goto done;
+    json_t *done = json_object_get(m, "done"), *failed = json_object_get(m, "failed");
+    json_t *cur = json_object_get(m, "current"), *started = json_object_get(m, "started");
+    if (json_is_integer(done)) w->done = json_integer_value(done);
+    if (json_is_integer(failed)) w->failed = json_integer_value(failed);
+    if (json_is_integer(started)) w->started = json_integer_value(started);
+    w->current_id = 0;
+    json_t *cid = json_object_get(cur, "id"), *ctype = json_object_get(cur, "type");
+    json_t *crun = json_object_get(cur, "running_ms");
+    if (json_is_integer(cid) && json_integer_value(cid) > 0 && json_is_string(ctype) &&
+        s_type_ok(json_string_value(ctype), json_string_length(ctype))) {
+        w->current_id = json_integer_value(cid);
+        snprintf(w->current_type, sizeof w->current_type, "%s", json_string_value(ctype));
+        w->running_ms = json_is_integer(crun) ? json_integer_value(crun) : 0;
+    }
+    w->hb_at = s_now_ms();
+done:
+    json_decref(m);
+}
+
+/* "host:pid:kind" (kp_bus_new) split for STATS; other names leave the parts empty. */
+static void s_name_parts(const char *name, json_t *out)
+{
+    const char *c1 = strchr(name, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+    if (!c2) return;
+    char *end;
+    long pid = strtol(c1 + 1, &end, 10);
+    if (end != c2 || pid <= 0) return;
+    json_t *host = json_stringn(name, (size_t)(c1 - name)), *kind = json_string(c2 + 1);
+    if (host && kind) {
+        json_object_set_new(out, "host", host);
+        json_object_set_new(out, "pid", json_integer(pid));
+        json_object_set_new(out, "kind", kind);
+    } else {
+        json_decref(host);
+        json_decref(kind);
+    }
+}
+
 static void s_stats(kp_broker_t *b, const void *ident, size_t ilen)
 {
     char *buf = NULL;
@@ -454,10 +517,24 @@ static void s_stats(kp_broker_t *b, const void *ident, size_t ilen)
             s_ident_hex(w->ident, w->ident_len, hex, sizeof hex);
             name = json_string(hex);
         }
-        json_array_append_new(workers,
-                              json_pack("{s:o,s:o,s:i,s:i,s:I}", "name", name, "types", types,
-                                        "credit", w->credit, "inflight", w->inflight,
-                                        "last_seen_ms", (json_int_t)(now - w->last_seen)));
+        json_t *jobs = json_array();
+        if (!jobs) abort();
+        for (s_job_t *j = b->fl_head; j && json_array_size(jobs) < 16; j = j->next)
+            if (j->worker == w) json_array_append_new(jobs, json_integer(j->msg.id));
+        json_t *e = json_pack(
+            "{s:o,s:o,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:o}", "name", name, "types", types, "credit",
+            w->credit, "inflight", w->inflight, "last_seen_ms", (json_int_t)(now - w->last_seen),
+            "connected_ms", (json_int_t)(now - w->ready_at), "started", (json_int_t)w->started,
+            "done", (json_int_t)w->done, "failed", (json_int_t)w->failed, "jobs", jobs);
+        if (!e) abort();
+        s_name_parts(w->name, e);
+        if (w->current_id > 0) {
+            json_t *c = json_pack("{s:I,s:s,s:I}", "id", (json_int_t)w->current_id, "type",
+                                  w->current_type, "running_ms",
+                                  (json_int_t)(w->running_ms + (now - w->hb_at)));
+            if (c) json_object_set_new(e, "current", c);
+        }
+        json_array_append_new(workers, e);
     }
     json_t *body =
         json_pack("{s:i,s:o,s:o}", "v", KP_MSG_VERSION, "queues", queues, "workers", workers);
@@ -491,6 +568,7 @@ static void s_handle(kp_broker_t *b, const void *ident, size_t ilen, const char 
     else if (!strcmp(cmd, KP_BUS_HB)) {
         /* From an unknown peer (one we declared lost) it is ignored: receiving no heartbeats
          * back, that worker reconnects and says READY again. */
+        s_hb(w, body, len);
     } else if (!strcmp(cmd, KP_BUS_READY))
         s_ready(b, ident, ilen, body, len, from);
     else if (!strcmp(cmd, KP_BUS_DONE))
@@ -512,6 +590,7 @@ kp_broker_t *kp_broker_new(void *router, const kp_config_t *cfg)
     b->lost_ms = cfg->bus_heartbeat_ms * cfg->bus_heartbeat_liveness;
     b->job_timeout_ms = cfg->bus_job_timeout * 1000;
     b->max_attempts = (int)cfg->jobs_max_attempts;
+    b->max_jobs = (size_t)cfg->bus_max_jobs;
     b->nbuckets = 1024;
     b->buckets = calloc(b->nbuckets, sizeof *b->buckets);
     if (!b->buckets) abort();

@@ -8,6 +8,7 @@
  * database is optional for brokering: when it is down only the sweep waits. */
 #include "kp_broker.h"
 #include "kp_sweep.h"
+#include "kp_zap.h"
 
 #include "kp_config.h"
 #include "kp_curve.h"
@@ -52,8 +53,9 @@ static int s_signals(void)
     return 0;
 }
 
-static void s_reload_config(const kp_config_t *cfg)
+static void s_reload_config(const kp_config_t *cfg, kp_zap_t *zap)
 {
+    if (zap) (void)kp_zap_reload(zap);
     kp_config_t *n = kp_config_new();
     char err[512];
     if (!n) abort();
@@ -203,7 +205,9 @@ static void s_read_sweep(void *pipe, kp_broker_t *broker)
             int64_t id;
             int rc = kp_broker_submit(broker, zmq_msg_data(&body), zmq_msg_size(&body),
                                       "outbox sweep", &id);
-            if (rc == 1) held[nheld++] = id;
+            /* held already (1), or not taken because the broker is full (back-pressure):
+             * neither is a real publication, so the attempt is given back */
+            if ((rc == 1 || rc == KP_EAGAIN) && id > 0) held[nheld++] = id;
             if (rc == 0) fresh++;
         }
         zmq_msg_close(&cmd);
@@ -225,6 +229,7 @@ int main(int argc, char **argv)
     void *ctx = NULL, *router = NULL, *xsub = NULL, *xpub = NULL, *pipe = NULL;
     kp_broker_t *broker = NULL;
     kp_sweep_t *sweep = NULL;
+    kp_zap_t *zap = NULL;
     kp_config_t *cfg = kp_config_from_args(argc, argv, "pacs-busd", &exit_now, NULL);
     if (!cfg) return exit_now ? 0 : 1;
     if (exit_now) {
@@ -242,6 +247,15 @@ int main(int argc, char **argv)
     zmq_ctx_set(ctx, ZMQ_BLOCKY, 0);
     kp_curve_t curve;
     if (kp_curve_server(cfg, &curve)) goto error;
+    if (cfg->bus_curve_clients_file[0]) {
+        if (!curve.on) {
+            kp_error("busd", "bus.curve_clients_file is set but bus.curve is off: the client "
+                             "list needs CurveZMQ (set bus.curve = true)");
+            goto error;
+        }
+        /* before the sockets bind, so that no handshake ever goes unchecked */
+        if (!(zap = kp_zap_start(ctx, cfg->bus_curve_clients_file))) goto error;
+    }
     if (!(router = s_bind(ctx, ZMQ_ROUTER, cfg->bus_jobs_endpoint, "jobs", &curve))) goto error;
     if (!(xsub = s_bind(ctx, ZMQ_XSUB, cfg->bus_events_in, "events-in", &curve))) goto error;
     if (!(xpub = s_bind(ctx, ZMQ_XPUB, cfg->bus_events_out, "events-out", &curve))) goto error;
@@ -255,7 +269,7 @@ int main(int argc, char **argv)
     while (!s_terminate) {
         if (s_reload) {
             s_reload = 0;
-            s_reload_config(cfg);
+            s_reload_config(cfg, zap);
         }
         int timeout = kp_broker_tick(broker);
         zmq_pollitem_t items[] = {
@@ -263,8 +277,9 @@ int main(int argc, char **argv)
             {xsub, 0, ZMQ_POLLIN, 0},
             {xpub, 0, ZMQ_POLLIN, 0},
             {pipe, 0, ZMQ_POLLIN, 0},
+            {zap ? kp_zap_socket(zap) : NULL, 0, ZMQ_POLLIN, 0},
         };
-        if (zmq_poll(items, 4, timeout) < 0) {
+        if (zmq_poll(items, zap ? 5 : 4, timeout) < 0) {
             if (zmq_errno() == EINTR) continue;
             kp_error("busd", "poll failed: %s", zmq_strerror(zmq_errno()));
             goto error;
@@ -273,6 +288,7 @@ int main(int argc, char **argv)
         if (items[1].revents & ZMQ_POLLIN) s_forward(xsub, xpub);
         if (items[2].revents & ZMQ_POLLIN) s_forward(xpub, xsub);
         if (items[3].revents & ZMQ_POLLIN) s_read_sweep(pipe, broker);
+        if (zap && (items[4].revents & ZMQ_POLLIN)) kp_zap_handle(zap);
     }
     kp_info("busd", "terminating");
     status = 0;
@@ -291,6 +307,7 @@ error:
         zmq_close(xpub);
         s_unlink_ipc(cfg->bus_events_out);
     }
+    kp_zap_stop(&zap);
     /* With the sweep thread stuck in libpq its socket is still open and zmq_ctx_term would
      * wait for it: leave the context to process exit instead. */
     if (ctx && term_ctx) zmq_ctx_term(ctx);

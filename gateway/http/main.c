@@ -186,12 +186,21 @@ static void s_header(h2o_req_t *req, const char *name, const char *value)
 
 /* Our own pages and the API get a strict policy: only this origin's scripts (no inline script,
  * no eval), styles of the page itself, no plugins, no framing, forms only to us. The OHIF viewer
- * keeps frame-ancestors only: its bundle needs WebAssembly, workers from blob: URLs and inline
- * styles, which a stricter policy would break. */
+ * (and DICOMweb) get one that its bundle runs under - it needs WebAssembly, eval in some of its
+ * codecs, workers from blob: URLs and its two inline start-up scripts - but that still confines
+ * every request, image, font, worker and frame to this origin (an injected script can neither
+ * load code from nor fetch from or post to another origin), forbids plugins and <base> hijacking, and allows framing
+ * by our own pages only. */
 #define S_CSP_APP                                                                                  \
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' "     \
     "data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "          \
     "frame-ancestors 'none'"
+#define S_CSP_VIEWER                                                                               \
+    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' 'wasm-unsafe-eval' "     \
+    "blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; " \
+    "connect-src 'self' data: blob:; worker-src 'self' blob:; media-src 'self' blob:; "          \
+    "frame-src 'self' blob:; object-src 'none'; base-uri 'self'; form-action 'self'; "           \
+    "frame-ancestors 'self'"
 
 static void s_security_headers(h2o_req_t *req, int tls)
 {
@@ -202,7 +211,7 @@ static void s_security_headers(h2o_req_t *req, int tls)
     bool ours = (n >= 4 && !memcmp(p, "/app", 4) && (n == 4 || p[4] == '/')) ||
                 (n >= 4 && !memcmp(p, "/api", 4) && (n == 4 || p[4] == '/'));
     s_header(req, "x-frame-options", ours ? "DENY" : "SAMEORIGIN");
-    s_header(req, "content-security-policy", ours ? S_CSP_APP : "frame-ancestors 'self'");
+    s_header(req, "content-security-policy", ours ? S_CSP_APP : S_CSP_VIEWER);
     s_header(req, "referrer-policy", "no-referrer");
 }
 

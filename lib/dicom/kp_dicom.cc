@@ -31,8 +31,13 @@
  *    s_tls_layer(): the acceptor one is set on a second listening network, polled by the same
  *    accept loop, so TLS associations share the worker pool; the requestor one is set on the
  *    network of each C-MOVE sub-association to a TLS destination (creating connections from
- *    one SSL_CTX on several threads is safe in OpenSSL 3). The TLS handshake runs inside
- *    ASC_receiveAssociation() on the accept loop, like the A-ASSOCIATE-RQ read itself.
+ *    one SSL_CTX on several threads is safe in OpenSSL 3).
+ *  - Accepting: the loop accepts connections itself and keeps each one pending until its first
+ *    PDU (A-ASSOCIATE-RQ, or on the TLS port the ClientHello record) is entirely in the receive
+ *    buffer, then hands it to ASC_receiveAssociation() through DCMTK's external-socket ("inetd")
+ *    handle, so that reading the request never waits on the peer: a silent or trickling client
+ *    holds only its own slot until acse_timeout. The rest of a TLS handshake (after the
+ *    ClientHello) still runs on the loop, bounded by the socket timeouts (dimse_timeout).
  *  - DCMTK's oflog output is routed into kp_log (category "dcmtk"): DCMTK errors become our
  *    warnings, DCMTK warnings our debug lines (real-world files trigger many of them). */
 #include <dcmtk/config/osconfig.h>
@@ -78,6 +83,8 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/statvfs.h>
 #include <sys/socket.h>
@@ -2059,6 +2066,58 @@ void s_wind_up(std::list<std::unique_ptr<Worker>> &workers)
     s_reap(workers, true);
 }
 
+/* A connection accepted by the loop whose association request has not fully arrived yet. The
+ * loop hands it to DCMTK only once the whole first PDU is in the socket's receive buffer (the
+ * A-ASSOCIATE-RQ; on the TLS port, the first TLS record, the ClientHello), so that reading it
+ * never blocks the loop: a peer that connects and stays silent, or trickles its request, only
+ * occupies a slot here until acse_timeout, while others are accepted and served. */
+struct Pending {
+    int fd;
+    bool secure;
+    std::chrono::steady_clock::time_point deadline;
+    std::string peer;
+};
+
+/* 1 when the first PDU (or TLS record) is complete in the receive buffer, 0 not yet, -1 when
+ * the peer closed or the socket failed. */
+int s_first_pdu_ready(const Pending &p)
+{
+    unsigned char head[6];
+    const size_t hlen = p.secure ? 5 : 6;
+    ssize_t n = recv(p.fd, head, hlen, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0) return -1;
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
+    if (static_cast<size_t>(n) < hlen) return 0;
+    /* PDU: type, reserved, 4-byte length; TLS record: type, version (2), 2-byte length */
+    size_t len = p.secure ? (static_cast<size_t>(head[3]) << 8 | head[4])
+                          : (static_cast<size_t>(head[2]) << 24 | static_cast<size_t>(head[3]) << 16 |
+                             static_cast<size_t>(head[4]) << 8 | head[5]);
+    /* a request larger than this is refused by DCMTK anyway: hand it over once this much is in */
+    size_t need = hlen + (len < 65536 ? len : 65536);
+    static thread_local std::vector<unsigned char> buf;
+    if (buf.size() < need) buf.resize(need);
+    n = recv(p.fd, buf.data(), need, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0) return -1;
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
+    return static_cast<size_t>(n) >= need ? 1 : 0;
+}
+
+std::string s_peer_name(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    char host[64] = "?";
+    if (getpeername(fd, reinterpret_cast<struct sockaddr *>(&ss), &len) == 0) {
+        if (ss.ss_family == AF_INET)
+            inet_ntop(AF_INET, &reinterpret_cast<struct sockaddr_in *>(&ss)->sin_addr, host,
+                      sizeof host);
+        else if (ss.ss_family == AF_INET6)
+            inet_ntop(AF_INET6, &reinterpret_cast<struct sockaddr_in6 *>(&ss)->sin6_addr, host,
+                      sizeof host);
+    }
+    return host;
+}
+
 } // namespace
 
 /* Settings shared by every association. Presentation contexts are not in here: DcmSCPConfig
@@ -2164,28 +2223,88 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
                 cfg.port, tnet ? ", DICOM TLS on port " : "",
                 tnet ? std::to_string(cfg.tls_port).c_str() : "", cfg.max_associations);
 
+        std::vector<Pending> pending;
+        /* connections waiting for their request; beyond this many the oldest is dropped */
+        const size_t max_pending = static_cast<size_t>(cfg.max_associations) * 2 + 16;
         while (!*cfg.stop) {
             s_reap(workers, false);
-            bool secure = false;
-            if (lfd >= 0) {
-                struct pollfd pfd[2] = {{lfd, POLLIN, 0}, {tfd, POLLIN, 0}};
-                int n = poll(pfd, tfd >= 0 ? 2 : 1, 250);
-                if (n <= 0) continue; /* timeout or EINTR: check *stop again */
-                secure = !(pfd[0].revents & POLLIN) && tfd >= 0 && (pfd[1].revents & POLLIN);
+            /* 1. wait for a new connection on either port, or more bytes from a pending one */
+            std::vector<struct pollfd> pfd;
+            pfd.push_back({lfd, POLLIN, 0});
+            pfd.push_back({tfd, POLLIN, 0}); /* -1 without TLS: poll ignores it */
+            for (const Pending &p : pending)
+                pfd.push_back({p.fd, POLLIN, 0});
+            int wait_ms = 250;
+            const auto now = std::chrono::steady_clock::now();
+            for (const Pending &p : pending) {
+                auto left = std::chrono::duration_cast<std::chrono::milliseconds>(p.deadline - now)
+                                .count();
+                if (left < wait_ms) wait_ms = left > 0 ? static_cast<int>(left) : 0;
             }
+            int n = poll(pfd.data(), pfd.size(), wait_ms);
+            if (n < 0 && errno != EINTR) {
+                kp_error(CAT, "poll on the listening sockets failed: %s", strerror(errno));
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                continue;
+            }
+            for (int i = 0; n > 0 && i < 2; i++) {
+                if (!(pfd[i].revents & POLLIN)) continue;
+                int fd = accept4(i ? tfd : lfd, nullptr, nullptr, SOCK_CLOEXEC);
+                if (fd < 0) continue; /* EAGAIN (taken already), ECONNABORTED, EMFILE: logged
+                                       * by the next failure that matters */
+                if (pending.size() >= max_pending) {
+                    kp_warn(CAT, "too many connections without an association request: "
+                                 "dropping the oldest, from %s",
+                            pending.front().peer.c_str());
+                    close(pending.front().fd);
+                    pending.erase(pending.begin());
+                }
+                pending.push_back({fd, i == 1,
+                                   std::chrono::steady_clock::now() +
+                                       std::chrono::seconds(cfg.acse_timeout),
+                                   s_peer_name(fd)});
+            }
+            /* 2. pick one connection whose request is complete; drop the dead and the late */
+            int ready_fd = -1;
+            bool secure = false;
+            const auto t = std::chrono::steady_clock::now();
+            for (size_t i = 0; i < pending.size();) {
+                int r = s_first_pdu_ready(pending[i]);
+                if (r == 0 && t >= pending[i].deadline) {
+                    kp_warn(CAT,
+                            "closing a connection from %s: no complete association request "
+                            "within %d s (dicom.acse_timeout)",
+                            pending[i].peer.c_str(), cfg.acse_timeout);
+                    r = -1;
+                }
+                if (r < 0) {
+                    close(pending[i].fd);
+                    pending.erase(pending.begin() + static_cast<long>(i));
+                    continue;
+                }
+                if (r == 1 && ready_fd < 0) {
+                    ready_fd = pending[i].fd;
+                    secure = pending[i].secure;
+                    pending.erase(pending.begin() + static_cast<long>(i));
+                    continue;
+                }
+                i++;
+            }
+            if (ready_fd < 0) continue;
+            /* 3. DCMTK takes the connection as if it had accepted it (its "inetd" mode): the
+             * request is already buffered, so this does not wait on the peer. Only this thread
+             * sets the handle, and only around this call. */
             T_ASC_Association *assoc = nullptr;
+            dcmExternalSocketHandle.set(ready_fd);
             /* for TLS this also runs the handshake: a client whose certificate does not verify
              * fails here, before any DICOM is exchanged */
             c = ASC_receiveAssociation(secure ? tnet : net, &assoc, cfg.max_pdu, nullptr, nullptr,
                                        secure ? OFTrue : OFFalse, DUL_NOBLOCK, 1);
-            if (c == DUL_NOASSOCIATIONREQUEST) {
-                ASC_destroyAssociation(&assoc);
-                continue;
-            }
+            dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
             if (c.bad()) {
                 kp_warn(CAT, "receiving an association request%s failed: %s",
                         secure ? " on the TLS port" : "", c.text());
-                if (assoc) {
+                if (assoc) { /* it owns the connection now: this closes it */
                     ASC_dropAssociation(assoc);
                     ASC_destroyAssociation(&assoc);
                 }
@@ -2233,6 +2352,8 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
             }
             workers.push_back(std::move(w));
         }
+        for (const Pending &p : pending)
+            close(p.fd);
         kp_info(CAT, "storage SCP stopping: waiting for %zu association(s)", workers.size());
         s_wind_up(workers);
         ASC_dropNetwork(&net);

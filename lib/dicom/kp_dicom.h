@@ -283,10 +283,11 @@ typedef struct {
  * connection drop; nothing is stored). Returns once every association thread is joined: 0
  * after a clean stop, KP_EIO if a port (plain or TLS) cannot be bound, KP_EINVAL for a bad
  * config (TLS files missing, unreadable or a key not matching its certificate included, with
- * the reason logged), KP_EINTERNAL on an unexpected error. The accept loop itself reads each
- * A-ASSOCIATE-RQ (and, on the TLS port, runs the handshake first: a client certificate that does
- * not verify ends there), so a peer that connects and stays silent delays the next accept (and
- * a stop) by up to acse_timeout (the TLS handshake: up to dimse_timeout). */
+ * the reason logged), KP_EINTERNAL on an unexpected error. A connection waits (without
+ * blocking anyone) until its whole A-ASSOCIATE-RQ has arrived, at most acse_timeout, then the
+ * accept loop reads it at once; on the TLS port the loop also runs the handshake once the
+ * ClientHello is in (a client certificate that does not verify ends there), so a TLS peer that
+ * stalls mid-handshake delays the next accept by up to dimse_timeout. */
 int kp_dicom_scp_run(const kp_dicom_scp_config_t *cfg);
 
 /* ---- Verification SCU ---- */

@@ -1,11 +1,12 @@
 #!/usr/bin/python3
 """Generates a synthetic CT dataset with pydicom: 512x512 16-bit slices, several studies.
 
-    tests/data/gen_ct.py OUTDIR [--instances N] [--studies S] [--series-per-study K]
+    tests/data/gen_ct.py OUTDIR [--instances N] [--studies S] [--series-per-study K] [--size PX]
 
 Deterministic (UIDs derive from the indices), so a cached directory can be reused: the script
 does nothing when OUTDIR already holds a complete set made with the same arguments. Each file is
-about 512 KiB (Explicit VR Little Endian). Used by the load/fault integration test and bench/.
+about 512 KiB (Explicit VR Little Endian) at the default --size 512 (--size 64: about 9 KiB, for
+tests that count instances rather than bytes). Used by the load/fault integration test and bench/.
 """
 import argparse
 import datetime
@@ -26,17 +27,21 @@ def main():
     ap.add_argument("--instances", type=int, default=2000)
     ap.add_argument("--studies", type=int, default=8)
     ap.add_argument("--series-per-study", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512, help="rows and columns")
     a = ap.parse_args()
     os.makedirs(a.outdir, exist_ok=True)
     stamp = os.path.join(a.outdir, "dataset.json")
     want = {"instances": a.instances, "studies": a.studies, "series": a.series_per_study, "v": 1}
+    if a.size != 512:
+        want["size"] = a.size
     if os.path.exists(stamp):
         with open(stamp) as f:
             if json.load(f) == want:
                 return 0
 
     rng = np.random.default_rng(1411)
-    base = (np.hypot(*np.meshgrid(np.arange(512) - 256, np.arange(512) - 256)) * 4).astype(np.int16)
+    px, half = a.size, a.size // 2
+    base = (np.hypot(*np.meshgrid(np.arange(px) - half, np.arange(px) - half)) * 4).astype(np.int16)
     nseries = a.studies * a.series_per_study
     per_series = -(-a.instances // nseries)
     n = 0
@@ -80,7 +85,7 @@ def main():
                 ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
                 ds.PixelSpacing = [0.7, 0.7]
                 ds.SliceThickness = 1.0
-                ds.Rows = ds.Columns = 512
+                ds.Rows = ds.Columns = px
                 ds.SamplesPerPixel = 1
                 ds.PhotometricInterpretation = "MONOCHROME2"
                 ds.BitsAllocated = 16
@@ -91,7 +96,7 @@ def main():
                 ds.RescaleSlope = 1
                 ds.WindowCenter = 40
                 ds.WindowWidth = 400
-                noise = rng.integers(0, 64, size=(512, 512), dtype=np.int16)
+                noise = rng.integers(0, 64, size=(px, px), dtype=np.int16)
                 ds.PixelData = (base + noise + i).astype(np.int16).tobytes()
                 name = os.path.join(a.outdir, f"ct_{n:05d}.dcm")
                 ds.is_little_endian = True

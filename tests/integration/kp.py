@@ -40,6 +40,9 @@ def wait_for(pred, timeout, what, interval=0.1):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+APP_ROLE = "klinika_app"  # db.app_role's default
+
+
 class Cluster:
     """One PostgreSQL cluster per test session; each System gets its own database."""
 
@@ -90,7 +93,7 @@ class System:
     also pacs-gateway (HTTPS on self.https_port, its redirect on self.http_port, 127.0.0.1)."""
 
     def __init__(self, cluster, indexers=1, extra_env=None, start=True, gateway=False,
-                 compressors=0):
+                 compressors=0, db_user=APP_ROLE):
         self.dir = tempfile.mkdtemp(prefix="kp-sys-")
         self.dsn = cluster.new_database()
         self.port = free_port()
@@ -98,7 +101,10 @@ class System:
         os.makedirs(run)
         self.env = dict(os.environ)
         self.env.update({
-            "KP_DB_CONNINFO": self.dsn,
+            # the daemons and pacsctl connect as the services' role, like `make run` (pacsctl
+            # migrate granted it everything but changing audit records); self.sql() and the
+            # template's migration use the owner. db_user=None: the owner everywhere.
+            "KP_DB_CONNINFO": f"{self.dsn} user={db_user}" if db_user else self.dsn,
             "KP_DB_CONNECT_TIMEOUT": "20",
             "KP_STORAGE_ROOT": os.path.join(self.dir, "storage"),
             "KP_DICOM_PORT": str(self.port),

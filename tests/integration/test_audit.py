@@ -237,6 +237,38 @@ def test_trigger_refuses_changes(gw, statement):
     assert count(gw) >= total
 
 
+@pytest.mark.parametrize("statement", [
+    "UPDATE audit_log SET actor = 'mallory' WHERE seq = 1",
+    "DELETE FROM audit_log WHERE seq = 1",
+    "TRUNCATE audit_log",
+    "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change",
+    "DROP TRIGGER audit_log_no_change ON audit_log",
+])
+def test_services_role_may_not_change_audit_records(gw, statement):
+    """The daemons connect as db.app_role (klinika_app), which pacsctl migrate granted every
+    privilege except changing audit records: the database refuses by privilege, before any
+    trigger, and the role cannot remove the triggers either."""
+    settled(gw)
+    assert f"user={kp.APP_ROLE}" in gw.env["KP_DB_CONNINFO"]
+    before = rows(gw, "seq = 1")
+    c = psycopg2.connect(gw.env["KP_DB_CONNINFO"])
+    try:
+        cur = c.cursor()
+        cur.execute("SELECT current_user, count(*) FROM audit_log GROUP BY 1")
+        assert cur.fetchone()[0] == kp.APP_ROLE  # it reads the trail (verification does)
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute(statement)
+        assert "permission denied" in str(e.value) or "must be owner" in str(e.value), e.value
+        c.rollback()
+        # everything else the services need it has, e.g. the index and the outbox
+        cur.execute("UPDATE jobs SET updated_at = updated_at WHERE false")
+        cur.execute("TRUNCATE storage_orphans")
+        c.rollback()
+    finally:
+        c.close()
+    assert rows(gw, "seq = 1") == before
+
+
 # -- durability -----------------------------------------------------------------------------------
 def test_kill_auditor_during_burst(gw):
     n = 200

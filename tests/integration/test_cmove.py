@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 
 import pydicom
 import pytest
@@ -443,3 +444,45 @@ def test_sixteen_sessions_at_once(qr):
             held.close()
         for d in dests.values():
             d.stop()
+
+
+def test_silent_and_trickling_peers_block_nobody(cluster):
+    """A peer that connects and sends nothing, and one that sends its association request a few
+    bytes at a time, do not hold up anyone else: while both are connected, C-ECHO and C-STORE on
+    new associations complete at once (before dicom.acse_timeout, 12 s here, which is how long
+    either peer could otherwise hold the accept loop); the silent one is then closed after
+    acse_timeout, and the trickling one, once its request is complete, is served normally."""
+    import socket
+    s = kp.System(cluster, extra_env={"KP_DICOM_ACSE_TIMEOUT": "12"})
+    silent = trickle = None
+    try:
+        silent = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        trickle = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        # a valid A-ASSOCIATE-RQ (Verification), sent in pieces
+        pc = (b"\x20\x00\x00\x2e\x01\x00\x00\x00" + b"\x30\x00\x00\x11" + b"1.2.840.10008.1.1" +
+              b"\x40\x00\x00\x11" + b"1.2.840.10008.1.2")
+        app = b"\x10\x00\x00\x15" + b"1.2.840.10008.3.1.1.1"
+        ui = b"\x50\x00\x00\x08" + b"\x51\x00\x00\x04\x00\x00\x40\x00"
+        body = (b"\x00\x01\x00\x00" + b"KLINIKA".ljust(16) + b"TRICKLE".ljust(16) + b"\x00" * 32 +
+                app + pc + ui)
+        rq = b"\x01\x00" + len(body).to_bytes(4, "big") + body
+        trickle.sendall(rq[:7])
+        t0 = time.monotonic()
+        assert s.echo(aet="WHILEWAITING")
+        rc, res, out = s.storescu([CT_SMALL], aet="WHILEWAITING2")
+        assert res[CT_SMALL] == "ok", out
+        assert time.monotonic() - t0 < 10, "served only after a blocked peer timed out"
+        trickle.sendall(rq[7:40])
+        assert s.echo(aet="STILLFINE")
+        trickle.sendall(rq[40:])
+        ac = trickle.recv(6)
+        assert ac[:1] == b"\x02", f"expected A-ASSOCIATE-AC, got {ac!r}"  # accepted
+        # the silent peer is closed by the server once acse_timeout has passed
+        silent.settimeout(20)
+        assert silent.recv(1) == b""
+        assert "no complete association request within 12 s" in s.log("pacs-dicomd")
+    finally:
+        for sock in (silent, trickle):
+            if sock:
+                sock.close()
+        s.stop()

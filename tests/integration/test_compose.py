@@ -60,7 +60,8 @@ def test_compose_file_is_valid():
     assert want <= set(doc["services"]), set(doc["services"])
     assert doc["networks"]["backend"]["internal"] is True
     assert {"pgdata", "storage", "logs"} <= set(doc["volumes"])
-    assert {"db_password", "jwt_key", "tls_cert", "tls_key", "bus_server_key"} <= set(doc["secrets"])
+    assert {"db_password", "db_app_password", "jwt_key", "tls_cert", "tls_key",
+            "bus_server_key"} <= set(doc["secrets"])
     for name, s in doc["services"].items():
         if name != "migrate":
             assert s.get("restart") == "unless-stopped", name

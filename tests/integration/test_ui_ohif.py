@@ -79,10 +79,20 @@ def test_static_files_and_app_config(gw):
     wasm = next(n for n in os.listdir(OHIF) if n.endswith(".wasm"))
     st, h, _ = gw.https("GET", "/" + wasm)
     assert st == 200 and h["Content-Type"] == "application/wasm"
-    assert h["Content-Security-Policy"] == "frame-ancestors 'self'"
+    assert_viewer_csp(h["Content-Security-Policy"])
     # traversal stays inside the directory
     st, _, body = gw.https("GET", "/../../../etc/passwd")
     assert b"root:" not in body
+
+
+def assert_viewer_csp(csp):
+    """The policy of the viewer's pages (and DICOMweb): everything confined to this origin."""
+    d = dict(x.strip().split(" ", 1) for x in csp.split(";"))
+    assert d["default-src"] == "'self'" and d["connect-src"].startswith("'self'")
+    assert d["object-src"] == "'none'" and d["base-uri"] == "'self'"
+    assert d["frame-ancestors"] == "'self'" and d["form-action"] == "'self'"
+    for k in ("img-src", "font-src", "worker-src", "script-src", "style-src"):
+        assert d[k].startswith("'self'") and "http" not in d[k] and "*" not in d[k], (k, d[k])
 
 
 def test_ohif_shows_every_study(gw, tmp_path):
@@ -122,6 +132,9 @@ def test_ohif_shows_every_study(gw, tmp_path):
         assert not v["error"], v
         assert st.get("sd", 0) > 2 and st.get("levels", 0) > 8, v  # not blank or uniform
     assert not failed, failed
+    # the viewer runs under its Content-Security-Policy: nothing was refused
+    refused = [c for c in out["console"] if "Content Security Policy" in c or "Refused to" in c]
+    assert not refused, refused
     assert out["thumbnails"] > 0, "the viewer drew no server-side thumbnail"
 
 

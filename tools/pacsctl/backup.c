@@ -594,8 +594,10 @@ static bool s_restore_dump(const char *conninfo, const char *snap, const unsigne
     char path[PATH_MAX + 16], got[65], dbarg[4096];
     snprintf(path, sizeof path, "%s/db.enc", snap);
     snprintf(dbarg, sizeof dbarg, "--dbname=%s", conninfo);
-    char *argv[] = {"pg_restore", "--exit-on-error", "--no-owner", "--single-transaction", dbarg,
-                    NULL};
+    /* privileges are not restored: the target may not have the roles of the source (a scratch
+     * cluster); restore grants db.app_role's afterwards, as migrate does */
+    char *argv[] = {"pg_restore",           "--exit-on-error", "--no-owner", "--no-privileges",
+                    "--single-transaction", dbarg,             NULL};
     int pfd = -1;
     pid_t pid = s_spawn_pipe(argv, true, &pfd);
     if (pid < 0) return false;
@@ -860,6 +862,7 @@ static int s_restore(const kp_config_t *cfg, const char *dir, const char *snap,
     int ntables = 0;
     bool same = s_compare_counts(db, m, &ntables) == 0;
     if (!same) goto out;
+    if (pacsctl_app_role(cfg, db)) goto out;
     printf("restore complete: snapshot %s; run pacsctl audit verify to check the audit chain\n",
            json_string_value(json_object_get(m, "created")));
     rc = 0;

@@ -7,6 +7,7 @@
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
  *   pacsctl [--config FILE] ae list|add|remove|echo ...      the modality registry
  *   pacsctl [--config FILE] audit verify|list ...            the audit trail
+ *   pacsctl [--config FILE] workers [--kind K] [--json]     live workers, their counters
  *   pacsctl bus keygen FILE                    write a new CurveZMQ key pair
  *   pacsctl config-get SECTION.KEY             print one setting's effective value
  *   pacsctl config-example                     print the documented example configuration
@@ -23,6 +24,7 @@
 #include "kp_storage.h"
 #include "pacsctl.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <libgen.h>
 #include <limits.h>
@@ -61,6 +63,8 @@ static void s_usage(void)
         "  status                   database, schema, bus, storage, dicom, https, workers\n"
         "                           by kind and job queues (exit 0 when all healthy)\n"
         "  health db|bus|dicom|worker KIND   one health check (exit 0 healthy, 1 not)\n"
+        "  workers [--kind K] [--json]   live workers by kind and host: jobs done/failed, the\n"
+        "                           job in hand, last heartbeat (from the broker)\n"
         "  bus keygen FILE          write a new CurveZMQ key pair (mode 0600)\n"
         "  config-get SECTION.KEY   print one setting's effective value\n"
         "  config-example           print the documented example configuration\n");
@@ -95,6 +99,99 @@ kp_db_t *pacsctl_db(const kp_config_t *cfg, bool check)
     return db;
 }
 
+/* The services' own role (db.app_role): every privilege on the index except altering the audit
+ * trail and the migration history, so that even a compromised service cannot rewrite audit
+ * records (the append-only triggers and the hash chain stay as further layers). Run by
+ * `pacsctl migrate` as the schema's owner, after the migrations; granted on ALL tables, so
+ * tables of later migrations are covered by the next migrate. 0, or 1 with the reason. */
+int pacsctl_app_role(const kp_config_t *cfg, kp_db_t *db)
+{
+    const char *role = cfg->db_app_role;
+    if (!*role) return 0;
+    size_t n = strlen(role);
+    bool ok = n <= 63 && (role[0] == '_' || (role[0] >= 'a' && role[0] <= 'z'));
+    for (size_t i = 0; ok && i < n; i++)
+        ok = role[i] == '_' || (role[i] >= 'a' && role[i] <= 'z') || (role[i] >= '0' && role[i] <= '9');
+    if (!ok) {
+        fprintf(stderr, "pacsctl: db.app_role '%s' must be a lower-case SQL name ([a-z_][a-z0-9_]*)\n",
+                role);
+        return 1;
+    }
+    PGresult *r = NULL;
+    if (kp_db_exec(db, &r, "SELECT current_user = $1", 1, (const char *[]){role})) return 1;
+    bool self = !strcmp(PQgetvalue(r, 0, 0), "t");
+    PQclear(r);
+    if (self) {
+        fprintf(stderr, "pacsctl: migrate must run as the schema's owner, not as db.app_role %s "
+                        "(use the owner's connection string for migrate and restore)\n",
+                role);
+        return 1;
+    }
+    /* one statement each (parameterised execution takes one at a time); the role name was
+     * checked above, so it can be spliced in */
+    const char *fmt[] = {
+        "DO $kp$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '%s') THEN "
+        "CREATE ROLE %s LOGIN; END IF; END $kp$",
+        "DO $kp$ BEGIN EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %%I TO %s', "
+        "current_database()); END $kp$",
+        "GRANT USAGE ON SCHEMA public TO %s",
+        "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN "
+        "SCHEMA public TO %s",
+        "GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO %s",
+        "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO %s",
+        "REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON audit_log FROM %s",
+        "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON schema_migrations FROM %s",
+    };
+    if (kp_db_run(db, "BEGIN", 0, NULL)) return 1;
+    for (size_t i = 0; i < sizeof fmt / sizeof fmt[0]; i++) {
+        char sql[512];
+        if (i == 0)
+            snprintf(sql, sizeof sql, fmt[i], role, role);
+        else
+            snprintf(sql, sizeof sql, fmt[i], role);
+        if (kp_db_run(db, sql, 0, NULL)) {
+            fprintf(stderr,
+                    "pacsctl: could not set up db.app_role %s (the migrating user needs "
+                    "CREATEROLE, or create the role yourself, and must own the tables): %s"
+                    "hint: set db.app_role empty to connect every service as the owner\n",
+                    role, PQerrorMessage(kp_db_conn(db)));
+            (void)kp_db_run(db, "ROLLBACK", 0, NULL);
+            return 1;
+        }
+    }
+    if (kp_db_run(db, "COMMIT", 0, NULL)) return 1;
+    if (cfg->db_app_password_file[0]) {
+        char pw[512];
+        FILE *f = fopen(cfg->db_app_password_file, "r");
+        size_t len = f ? fread(pw, 1, sizeof pw - 1, f) : 0;
+        if (f) fclose(f);
+        while (len && (pw[len - 1] == '\n' || pw[len - 1] == '\r'))
+            len--;
+        pw[len] = 0;
+        if (!f || len < 12) {
+            fprintf(stderr, "pacsctl: db.app_password_file %s: %s\n", cfg->db_app_password_file,
+                    f ? "the password must have at least 12 characters" : strerror(errno));
+            return 1;
+        }
+        PGconn *c = kp_db_conn(db);
+        char *lit = PQescapeLiteral(c, pw, len);
+        memset(pw, 0, sizeof pw);
+        if (!lit) return 1;
+        char *q = malloc(strlen(lit) + 128);
+        if (!q) abort();
+        sprintf(q, "ALTER ROLE %s PASSWORD %s", role, lit);
+        PQfreemem(lit);
+        int rc = kp_db_run(db, q, 0, NULL);
+        memset(q, 0, strlen(q));
+        free(q);
+        if (rc) return 1;
+    }
+    printf("services' role %s: every privilege but UPDATE, DELETE and TRUNCATE on audit_log "
+           "(connect them with user=%s)\n",
+           role, role);
+    return 0;
+}
+
 static int s_migrate(const kp_config_t *cfg, int argc, char **argv)
 {
     const char *dir = NULL;
@@ -108,14 +205,16 @@ static int s_migrate(const kp_config_t *cfg, int argc, char **argv)
     }
     int n = kp_db_migrate(db, d);
     int v = kp_db_schema_version(db);
-    kp_db_destroy(&db);
     free(d);
     if (n < 0) {
+        kp_db_destroy(&db);
         fprintf(stderr, "pacsctl: migration failed: %s\n", kp_strerror(n));
         return 1;
     }
     printf("schema at version %d (%d migration%s applied)\n", v, n, n == 1 ? "" : "s");
-    return 0;
+    int rc = pacsctl_app_role(cfg, db);
+    kp_db_destroy(&db);
+    return rc;
 }
 
 static void s_print_query(kp_db_t *db, const char *title, const char *sql)
@@ -397,6 +496,8 @@ int main(int argc, char **argv)
         rc = pacsctl_audit(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "health"))
         rc = pacsctl_health(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "workers"))
+        rc = pacsctl_workers(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "status") && n == 1)
         rc = pacsctl_status(cfg);
     else if (!strcmp(args[0], "backup"))

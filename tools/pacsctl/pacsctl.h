@@ -26,6 +26,12 @@ int pacsctl_backup(const kp_config_t *cfg, int argc, char **argv, bool restore);
 /* `pacsctl status`: every check at once, workers per kind, the job queues. Exit status. */
 int pacsctl_status(const kp_config_t *cfg);
 
+/* Creates db.app_role when missing and grants it every privilege but changing audit records
+ * (after migrate and restore; connected as the schema's owner). 0, or 1 with the reason. */
+int pacsctl_app_role(const kp_config_t *cfg, kp_db_t *db);
+/* `pacsctl workers [--kind K] [--json]`: live workers from the broker. Exit status. */
+int pacsctl_workers(const kp_config_t *cfg, int argc, char **argv);
+
 /* The compression section of `pacsctl stats` (bytes before/after, skips by reason). 0, or 1
  * when the database failed. */
 int pacsctl_stats_compression(kp_db_t *db);
