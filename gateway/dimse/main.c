@@ -131,7 +131,8 @@ static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
     }
     kp_ingest_req_t in = {.tmp_path = req->tmp_path,
                           .expected_sop = req->sop_instance_uid ? req->sop_instance_uid : "",
-                          .source = req->calling_ae};
+                          .source = req->calling_ae,
+                          .called_ae = req->called_ae};
     kp_ingest_result_t res;
     int rc = kp_ingest_store(s_d.ing, &in, &res);
     return rc ? kp_error_dimse(rc) : 0x0000;

@@ -1273,7 +1273,7 @@ struct KpSubAssoc {
  * the plan a context per compressed stored syntax and one with Explicit and Implicit VR Little
  * Endian (at most 128 contexts: compressed ones beyond that are left out, their instances are
  * then transcoded). */
-OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg,
+OFCondition s_open_destination(KpSubAssoc &sub, const char *our_ae, int acse_timeout, int max_pdu,
                                const std::vector<KpRetrieveItem> &items, const std::string &dest_ae,
                                const std::string &host, int port, DcmTransportLayer *tls,
                                std::string &why)
@@ -1292,7 +1292,7 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
     if (classes.size() > 128) classes.resize(128);
     if (classes.size() + compressed.size() > 128) compressed.resize(128 - classes.size());
 
-    OFCondition c = ASC_initializeNetwork(NET_REQUESTOR, 0, cfg->acse_timeout, &sub.net);
+    OFCondition c = ASC_initializeNetwork(NET_REQUESTOR, 0, acse_timeout, &sub.net);
     if (c.bad()) {
         why = std::string("cannot initialise the network: ") + c.text();
         return c;
@@ -1303,13 +1303,13 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
         return c;
     }
     T_ASC_Parameters *params = nullptr;
-    c = ASC_createAssociationParameters(&params, static_cast<Uint32>(cfg->max_pdu));
+    c = ASC_createAssociationParameters(&params, static_cast<Uint32>(max_pdu));
     if (c.bad()) {
         why = c.text();
         return c;
     }
     if (tls) ASC_setTransportLayerType(params, OFTrue);
-    ASC_setAPTitles(params, cfg->ae_title, dest_ae.c_str(), nullptr);
+    ASC_setAPTitles(params, our_ae, dest_ae.c_str(), nullptr);
     char peer[300];
     snprintf(peer, sizeof peer, "%s:%d", host.c_str(), port);
     ASC_setPresentationAddresses(params, "localhost", peer);
@@ -1917,7 +1917,8 @@ class KpAssocSCP : public DcmThreadSCP
                     n.fail(it.sop_uid);
                 return EC_Normal;
             }
-            if (s_open_destination(*sub, m_cfg, plan.items, dest, plan.host, plan.port,
+            if (s_open_destination(*sub, m_cfg->ae_title, m_cfg->acse_timeout, m_cfg->max_pdu,
+                                   plan.items, dest, plan.host, plan.port,
                                    plan.tls ? m_client_tls : nullptr, why)
                     .bad()) {
                 kp_warn(CAT, "C-MOVE from %s: %s", m_calling.c_str(), why.c_str());
@@ -2335,5 +2336,112 @@ extern "C" int kp_dicom_echo_tls(const char *host, int port, const char *calling
     } catch (...) {
         snprintf(err, errlen, "unexpected error");
         return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_store_scu(const char *host, int port, const char *calling_ae,
+                                  const char *called_ae, int timeout_s, const kp_dicom_tls_t *tls,
+                                  kp_dicom_store_item_t *items, size_t n, char *err, size_t errlen)
+{
+    char dummy[8];
+    if (!err) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = 0;
+    if (!host || !*host || port < 1 || port > 65535 || !calling_ae || !called_ae || (!items && n)) {
+        snprintf(err, errlen, "invalid host, port or AE title");
+        return KP_EINVAL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        items[i].status = 0xFFFF;
+        items[i].error[0] = 0;
+    }
+    try {
+        std::unique_ptr<DcmTLSTransportLayer> layer;
+        if (tls) {
+            std::string why;
+            layer = s_tls_layer(NET_REQUESTOR, tls, why);
+            if (!layer) {
+                snprintf(err, errlen, "TLS: %s", why.c_str());
+                return KP_EINVAL;
+            }
+        }
+        std::vector<KpRetrieveItem> plan;
+        plan.reserve(n);
+        for (size_t i = 0; i < n; i++) {
+            KpRetrieveItem it;
+            it.sop_class = items[i].sop_class_uid ? items[i].sop_class_uid : "";
+            it.sop_uid = items[i].sop_instance_uid ? items[i].sop_instance_uid : "";
+            it.ts = items[i].transfer_syntax_uid ? items[i].transfer_syntax_uid : "";
+            it.path = items[i].path ? items[i].path : "";
+            plan.push_back(std::move(it));
+        }
+        const int t = timeout_s > 0 ? timeout_s : 30;
+        dcmConnectionTimeout.set(static_cast<Sint32>(t));
+        KpSubAssoc sub;
+        std::string why;
+        OFCondition c = s_open_destination(sub, calling_ae, t, ASC_DEFAULTMAXPDU, plan, called_ae,
+                                           host, port, layer.get(), why);
+        if (c.bad()) {
+            snprintf(err, errlen, "%s", why.c_str());
+            if (c == EC_IllegalCall && sub.assoc) return KP_EPERM; /* no context accepted */
+            return c == DUL_ASSOCIATIONREJECTED ? KP_EPERM : KP_EIO;
+        }
+        for (size_t i = 0; i < n; i++) {
+            const KpRetrieveItem &it = plan[i];
+            if (sub.broken) break;
+            if (it.sop_class.empty() || it.sop_uid.empty() || it.path.empty()) {
+                items[i].status = STATUS_STORE_Error_CannotUnderstand;
+                snprintf(items[i].error, sizeof items[i].error, "SOP class, UID or path missing");
+                continue;
+            }
+            std::string accepted;
+            T_ASC_PresentationContextID ctx =
+                s_pick_context(sub.assoc, it.sop_class, it.ts, false, accepted);
+            if (!ctx) {
+                items[i].status = STATUS_STORE_Refused_SOPClassNotSupported;
+                snprintf(items[i].error, sizeof items[i].error,
+                         "%s accepted no context for SOP class %s / syntax %s", called_ae,
+                         it.sop_class.c_str(), it.ts.c_str());
+                continue;
+            }
+            Uint16 st = 0xFFFF;
+            std::string wy;
+            c = s_store_instance(sub.assoc, ctx, it, accepted, nullptr, 0, t, nullptr, &st, wy);
+            if (c.bad()) {
+                sub.broken = true;
+                snprintf(items[i].error, sizeof items[i].error, "association broke: %s", c.text());
+                snprintf(err, errlen, "association to %s broke: %s", called_ae, c.text());
+                break;
+            }
+            items[i].status = st;
+            if (!wy.empty()) snprintf(items[i].error, sizeof items[i].error, "%s", wy.c_str());
+        }
+        return 0;
+    } catch (const std::bad_alloc &) {
+        snprintf(err, errlen, "out of memory");
+        return KP_ENOMEM;
+    } catch (...) {
+        snprintf(err, errlen, "unexpected error");
+        return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_tag_by_keyword(const char *keyword, uint32_t *tag)
+{
+    if (!keyword || !*keyword || !tag) return KP_ENOTFOUND;
+    try {
+        const DcmDataDictionary &dict = dcmDataDict.rdlock();
+        const DcmDictEntry *e = dict.findEntry(keyword);
+        int rc = KP_ENOTFOUND;
+        if (e && !e->isRepeating()) {
+            *tag = (static_cast<uint32_t>(e->getGroup()) << 16) | e->getElement();
+            rc = 0;
+        }
+        dcmDataDict.rdunlock();
+        return rc;
+    } catch (...) {
+        return KP_ENOTFOUND;
     }
 }

@@ -6,6 +6,7 @@
  *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
  *   pacsctl [--config FILE] ae list|add|remove|echo ...      the modality registry
+ *   pacsctl [--config FILE] route list|add|remove|deliveries|retry ...   routing rules
  *   pacsctl [--config FILE] audit verify|list ...            the audit trail
  *   pacsctl bus keygen FILE                    write a new CurveZMQ key pair
  *   pacsctl config-get SECTION.KEY             print one setting's effective value
@@ -47,6 +48,8 @@ static void s_usage(void)
         "  ae list | add AE --host H --port P [--description D] [--site S] [--no-store]\n"
         "     [--no-find] [--no-retrieve] [--tls] | remove AE | echo AE\n"
         "                           the modality registry; echo sends a C-ECHO to the AE\n"
+        "  route list | add --json FILE | remove ID | deliveries [--state S] [--rule ID]\n"
+        "     [--limit N] | retry ID|--dead   routing rules and their deliveries\n"
         "  user list | add NAME --role R [--role R2] [--site S] [--display-name D] [--email E]\n"
         "     [--language L] [--password-file F | --password-env VAR] [--temporary]\n"
         "     [--if-missing] | passwd NAME [...] | disable|enable|unlock|reset-mfa|\n"
@@ -391,6 +394,8 @@ int main(int argc, char **argv)
         rc = s_jobs(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "ae"))
         rc = pacsctl_ae(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "route"))
+        rc = pacsctl_route(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "user"))
         rc = pacsctl_user(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "audit"))
