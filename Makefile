@@ -39,7 +39,7 @@ LIBKP     := $(BUILD)/libkp.a
 # binary name : source directory
 PROGRAMS  := pacs-busd:bus/busd pacs-dicomd:gateway/dimse pacs-indexer:workers/indexer \
              pacs-auditor:workers/auditor pacs-reporter:workers/reporter \
-             pacs-compressor:workers/compressor \
+             pacs-compressor:workers/compressor pacs-router:workers/router \
              pacsctl:tools/pacsctl pacs-gateway:gateway/http
 prog_name = $(word 1,$(subst :, ,$1))
 prog_dir  = $(word 2,$(subst :, ,$1))
@@ -78,11 +78,13 @@ $(BUILD)/obj/%.o: %.cc
 H2O_CFLAGS := -DH2O_USE_LIBUV=0 $(shell pkg-config --cflags libh2o-evloop 2>/dev/null)
 H2O_LIBS  := $(shell pkg-config --libs libh2o-evloop openssl 2>/dev/null)
 LIBS_pacs-gateway := $(H2O_LIBS)
+# pacs-router sends STOW-RS with libcurl (Debian libcurl4-openssl-dev); only it links it
+LIBS_pacs-router := $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
 $(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
 $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
-UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o kp_api_health.o kp_api_reports.o kp_metrics.o kp_api_modalities.o kp_openapi.o)
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o kp_api_health.o kp_api_reports.o kp_metrics.o kp_api_modalities.o kp_api_routes.o kp_openapi.o)
 UNIT_EXTRA_test_mdcache := $(BUILD)/obj/gateway/http/kp_mdcache.o
 UNIT_EXTRA_test_ratelimit := $(BUILD)/obj/gateway/http/kp_ratelimit.o
 UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o

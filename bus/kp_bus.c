@@ -45,6 +45,12 @@ struct kp_bus {
     int64_t done, failed, current_id, current_since; /* current_since: wall-clock ms */
     char current_type[KP_MSG_TYPE_MAX + 1];
     int64_t started; /* wall-clock seconds */
+    /* when each held job arrived (monotonic ms), for busy_ms: the summed time from receiving a
+     * job to reporting it done (jobs held at once overlap; beyond S_TIMED they go untimed) */
+    struct {
+        int64_t id, at;
+    } timed[256];
+    int64_t busy_ms;
 };
 
 struct kp_bus_sub {
@@ -290,9 +296,9 @@ static void s_send_hb(kp_bus_t *bus, int64_t now)
 {
     char *buf = NULL;
     size_t len = 0;
-    json_t *body = json_pack("{s:i,s:I,s:I,s:I}", "v", KP_MSG_VERSION, "done",
+    json_t *body = json_pack("{s:i,s:I,s:I,s:I,s:I}", "v", KP_MSG_VERSION, "done",
                              (json_int_t)bus->done, "failed", (json_int_t)bus->failed, "started",
-                             (json_int_t)bus->started);
+                             (json_int_t)bus->started, "busy_ms", (json_int_t)bus->busy_ms);
     if (!body) abort();
     if (bus->current_id > 0) {
         int64_t running = s_wall_ms() - bus->current_since;
@@ -381,6 +387,12 @@ static int s_worker_drain(kp_bus_t *bus, kp_msg_t *out)
                 bus->held++;
                 bus->current_id = out->id;
                 bus->current_since = s_wall_ms();
+                for (size_t t = 0; t < sizeof bus->timed / sizeof bus->timed[0]; t++)
+                    if (!bus->timed[t].id) {
+                        bus->timed[t].id = out->id;
+                        bus->timed[t].at = s_now_ms();
+                        break;
+                    }
                 snprintf(bus->current_type, sizeof bus->current_type, "%s", out->type);
                 return 1;
             }
@@ -439,6 +451,12 @@ int kp_bus_job_done(kp_bus_t *bus, int64_t id, bool ok)
     else
         bus->failed++;
     if (id == bus->current_id) bus->current_id = 0;
+    for (size_t t = 0; t < sizeof bus->timed / sizeof bus->timed[0]; t++)
+        if (bus->timed[t].id == id) {
+            bus->busy_ms += s_now_ms() - bus->timed[t].at;
+            bus->timed[t].id = 0;
+            break;
+        }
     if ((rc = kp_msg_encode_map(body, &buf, &len))) goto error;
     rc = bus->jobs ? s_send(bus->jobs, KP_BUS_DONE, buf, len, ZMQ_DONTWAIT) : KP_EBUS;
     if (rc) kp_debug("bus", "DONE for job %lld not sent: broker not connected", (long long)id);

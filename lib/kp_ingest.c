@@ -22,8 +22,9 @@ typedef struct kp_ingest_pending {
     char sop[72];
     int64_t size;
     char ae[20];
-    char rid[40]; /* request id, or "" */
-    int rc;       /* result, valid once done */
+    char called[20]; /* called AE title (C-STORE), or "" */
+    char rid[40];    /* request id, or "" */
+    int rc;          /* result, valid once done */
     bool done;
     struct kp_ingest_pending *next;
 } s_pending_t;
@@ -119,6 +120,7 @@ static int s_commit_group(kp_ingest_t *g, s_pending_t **items, size_t n)
         json_t *o = json_pack("{s:s, s:s, s:I, s:s}", "path", items[i]->rel, "sop", items[i]->sop,
                               "size", (json_int_t)items[i]->size, "ae", items[i]->ae);
         if (items[i]->rid[0]) json_object_set_new(o, "rid", json_string(items[i]->rid));
+        if (items[i]->called[0]) json_object_set_new(o, "called", json_string(items[i]->called));
         json_array_append_new(arr, o);
     }
     char *payloads = json_dumps(arr, JSON_COMPACT);
@@ -251,6 +253,7 @@ int kp_ingest_prepare(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_resu
     const char *sop = res->sop_uid;
     snprintf(p->sop, sizeof p->sop, "%s", sop);
     snprintf(p->ae, sizeof p->ae, "%s", src);
+    if (req->called_ae) snprintf(p->called, sizeof p->called, "%s", req->called_ae);
     if (req->request_id) snprintf(p->rid, sizeof p->rid, "%s", req->request_id);
     kp_storage_relpath(sop, p->rel);
     struct stat sb;

@@ -43,6 +43,8 @@ typedef struct kp_ingest_req {
     const char *expected_sop; /* the SOP Instance UID the sender announced, or NULL */
     const char *expected_study; /* STOW-RS .../studies/{study}: the part must belong to it */
     const char *source;       /* calling AE title, or e.g. "STOW-RS" (recorded with the job) */
+    const char *called_ae;    /* C-STORE: the AE title the sender called (index job "called",
+                               * instances.called_ae, matched by routing rules), or NULL */
     const char *request_id;   /* the gateway's request id, carried in the index job as "rid"
                                * (so the indexer's log lines name it), or NULL */
 } kp_ingest_req_t;

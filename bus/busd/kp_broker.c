@@ -23,7 +23,7 @@
 #include <time.h>
 #include <zmq.h>
 
-#define S_MAX_QUEUES 1024 /* distinct job types */
+#define S_MAX_QUEUES  1024 /* distinct job types */
 #define S_MAX_WORKERS 4096
 #define S_IDENT_MAX   255
 #define S_CMD_MAX     16
@@ -54,11 +54,11 @@ struct s_worker {
     char types[KP_BUS_MAX_TYPES][KP_MSG_TYPE_MAX + 1];
     int ntypes, credit, inflight;
     int64_t last_seen, next_hb, last_dispatch;
-    int64_t ready_at;              /* monotonic ms of its first READY on this connection */
-    int64_t started;               /* the process's start, wall-clock s (READY / HB) */
-    int64_t done, failed;          /* its own counters, from its last HB */
+    int64_t ready_at;               /* monotonic ms of its first READY on this connection */
+    int64_t started;                /* the process's start, wall-clock s (READY / HB) */
+    int64_t done, failed, busy_ms;  /* its own counters, from its last HB */
     int64_t current_id, running_ms; /* the job it said it was working on, and for how long */
-    int64_t hb_at;                 /* monotonic ms of that HB */
+    int64_t hb_at;                  /* monotonic ms of that HB */
     char current_type[KP_MSG_TYPE_MAX + 1];
     bool stalled; /* its send queue was full during this dispatch round */
     s_worker_t *next;
@@ -458,6 +458,8 @@ static void s_hb(s_worker_t *w, const void *body, size_t len)
     json_t *cur = json_object_get(m, "current"), *started = json_object_get(m, "started");
     if (json_is_integer(done)) w->done = json_integer_value(done);
     if (json_is_integer(failed)) w->failed = json_integer_value(failed);
+    json_t *busy = json_object_get(m, "busy_ms");
+    if (json_is_integer(busy)) w->busy_ms = json_integer_value(busy);
     if (json_is_integer(started)) w->started = json_integer_value(started);
     w->current_id = 0;
     json_t *cid = json_object_get(cur, "id"), *ctype = json_object_get(cur, "type");
@@ -521,17 +523,18 @@ static void s_stats(kp_broker_t *b, const void *ident, size_t ilen)
         if (!jobs) abort();
         for (s_job_t *j = b->fl_head; j && json_array_size(jobs) < 16; j = j->next)
             if (j->worker == w) json_array_append_new(jobs, json_integer(j->msg.id));
-        json_t *e = json_pack(
-            "{s:o,s:o,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:o}", "name", name, "types", types, "credit",
-            w->credit, "inflight", w->inflight, "last_seen_ms", (json_int_t)(now - w->last_seen),
-            "connected_ms", (json_int_t)(now - w->ready_at), "started", (json_int_t)w->started,
-            "done", (json_int_t)w->done, "failed", (json_int_t)w->failed, "jobs", jobs);
+        json_t *e = json_pack("{s:o,s:o,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:o}", "name", name,
+                              "types", types, "credit", w->credit, "inflight", w->inflight,
+                              "last_seen_ms", (json_int_t)(now - w->last_seen), "connected_ms",
+                              (json_int_t)(now - w->ready_at), "started", (json_int_t)w->started,
+                              "done", (json_int_t)w->done, "failed", (json_int_t)w->failed,
+                              "busy_ms", (json_int_t)w->busy_ms, "jobs", jobs);
         if (!e) abort();
         s_name_parts(w->name, e);
         if (w->current_id > 0) {
-            json_t *c = json_pack("{s:I,s:s,s:I}", "id", (json_int_t)w->current_id, "type",
-                                  w->current_type, "running_ms",
-                                  (json_int_t)(w->running_ms + (now - w->hb_at)));
+            json_t *c =
+                json_pack("{s:I,s:s,s:I}", "id", (json_int_t)w->current_id, "type", w->current_type,
+                          "running_ms", (json_int_t)(w->running_ms + (now - w->hb_at)));
             if (c) json_object_set_new(e, "current", c);
         }
         json_array_append_new(workers, e);

@@ -224,10 +224,12 @@ void kp_zap_handle(kp_zap_t *z)
         /* version, request id, domain, address, routing id, mechanism, key */
         const char *status = "400", *text = "refused";
         char address[64] = "?", mech[16] = "";
-        if (n > 3) snprintf(address, sizeof address, "%.*s", (int)zmq_msg_size(&f[3]),
-                            (const char *)zmq_msg_data(&f[3]));
-        if (n > 5) snprintf(mech, sizeof mech, "%.*s", (int)zmq_msg_size(&f[5]),
-                            (const char *)zmq_msg_data(&f[5]));
+        if (n > 3)
+            snprintf(address, sizeof address, "%.*s", (int)zmq_msg_size(&f[3]),
+                     (const char *)zmq_msg_data(&f[3]));
+        if (n > 5)
+            snprintf(mech, sizeof mech, "%.*s", (int)zmq_msg_size(&f[5]),
+                     (const char *)zmq_msg_data(&f[5]));
         bool well_formed = n == S_FRAMES && zmq_msg_size(&f[0]) == 3 &&
                            !memcmp(zmq_msg_data(&f[0]), "1.0", 3) && !strcmp(mech, "CURVE") &&
                            zmq_msg_size(&f[6]) == 32;

@@ -17,6 +17,7 @@
  * studies (kp_access). DICOM TLS: dicom.tls_port adds a TLS listener served by the same pool;
  * C-MOVE destinations registered with tls=true are reached over TLS (lib/dicom). */
 #include "kp_access.h"
+#include "kp_bus.h"
 #include "kp_dbpool.h"
 #include "kp_config.h"
 #include "kp_dicom.h"
@@ -28,11 +29,23 @@
 #include "kp_storage.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+/* Counters of this process, published every few seconds as a `metrics.dicomd` bus event; the
+ * gateway's /metrics exports the latest of each dicomd (schema/messages.md). */
+static struct {
+    atomic_llong assoc_accepted, assoc_rejected, stores_ok, stores_failed, bytes_received;
+    atomic_llong queries, retrieves, instances_sent, bytes_sent;
+} s_m;
 
 static struct {
     kp_config_t *cfg;
@@ -95,6 +108,7 @@ static int s_on_assoc(void *user, const kp_dicom_assoc_info_t *a)
     } else {
         kp_debug("assoc", "association from %s (%s) to %s accepted", calling, host, called);
     }
+    atomic_fetch_add(result ? &s_m.assoc_rejected : &s_m.assoc_accepted, 1);
     /* every association, accepted or not, is in the audit trail */
     json_t *d = json_pack("{s:s, s:b}", "called_ae", called ? called : "", "tls", a->tls);
     if (d && why) json_object_set_new(d, "reason", json_string(why));
@@ -131,9 +145,14 @@ static unsigned s_on_store(void *user, const kp_dicom_store_req_t *req)
     }
     kp_ingest_req_t in = {.tmp_path = req->tmp_path,
                           .expected_sop = req->sop_instance_uid ? req->sop_instance_uid : "",
-                          .source = req->calling_ae};
+                          .source = req->calling_ae,
+                          .called_ae = req->called_ae};
     kp_ingest_result_t res;
+    struct stat sb;
+    long long size = stat(req->tmp_path, &sb) == 0 ? (long long)sb.st_size : 0;
     int rc = kp_ingest_store(s_d.ing, &in, &res);
+    atomic_fetch_add(rc ? &s_m.stores_failed : &s_m.stores_ok, 1);
+    if (!rc) atomic_fetch_add(&s_m.bytes_received, size);
     return rc ? kp_error_dimse(rc) : 0x0000;
 }
 
@@ -143,6 +162,7 @@ static unsigned s_on_find(void *user, const kp_dicom_find_req_t *req, kp_dicom_f
 {
     (void)user;
     unsigned st = kp_find_handle(s_d.find, req, out);
+    atomic_fetch_add(&s_m.queries, 1);
     /* the query in the audit trail: level and the keys that had a value (the filter) */
     json_t *keys = json_object();
     const char *study = NULL;
@@ -175,7 +195,49 @@ static void s_on_retrieve_done(void *user, const kp_dicom_retrieve_req_t *req,
                                const kp_dicom_retrieve_result_t *res)
 {
     (void)user;
+    atomic_fetch_add(&s_m.retrieves, 1);
+    atomic_fetch_add(&s_m.instances_sent, (long long)res->completed + res->warning);
+    atomic_fetch_add(&s_m.bytes_sent, (long long)res->bytes_sent);
     kp_retrieve_done(s_d.ret, req, res);
+}
+
+/* ---- metrics: a metrics.dicomd event every 5 s (fire and forget: counters are cumulative,
+ * so a lost event only delays the next value) ------------------------------------------------ */
+static void *s_metrics_main(void *arg)
+{
+    (void)arg;
+    kp_bus_t *bus = kp_bus_new(s_d.cfg, "dicomd-metrics");
+    if (!bus) {
+        kp_warn("main", "no bus for metrics events: /metrics will not show this dicomd");
+        return NULL;
+    }
+    char host[128] = "localhost", process[160];
+    if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "localhost");
+    host[sizeof host - 1] = 0;
+    snprintf(process, sizeof process, "%s:%d", host, (int)getpid());
+    long long started = (long long)time(NULL);
+    for (int tick = 0; !s_stop; tick++) {
+        if (tick % 50 == 0) {
+            json_t *p = json_pack(
+                "{s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "process", process, "started",
+                started, "associations_accepted", atomic_load(&s_m.assoc_accepted),
+                "associations_rejected", atomic_load(&s_m.assoc_rejected), "stores_ok",
+                atomic_load(&s_m.stores_ok), "stores_failed", atomic_load(&s_m.stores_failed),
+                "bytes_received", atomic_load(&s_m.bytes_received), "queries",
+                atomic_load(&s_m.queries), "retrieves", atomic_load(&s_m.retrieves),
+                "instances_sent", atomic_load(&s_m.instances_sent), "bytes_sent",
+                atomic_load(&s_m.bytes_sent));
+            kp_msg_t m;
+            if (p && kp_msg_init(&m, "metrics.dicomd", 0, p) == 0) { /* takes p */
+                (void)kp_bus_publish(bus, &m);
+                kp_msg_clear(&m);
+            }
+        }
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    kp_bus_destroy(&bus);
+    return NULL;
 }
 
 int main(int argc, char **argv)
@@ -239,7 +301,11 @@ int main(int argc, char **argv)
     else
         kp_info("main", "listening as %s on port %ld (storage %s)", s_d.cfg->dicom_ae_title,
                 s_d.cfg->dicom_port, kp_storage_root(s_d.st));
+    pthread_t metrics;
+    bool metrics_on = pthread_create(&metrics, NULL, s_metrics_main, NULL) == 0;
     rc = kp_dicom_scp_run(&scp) ? 1 : 0;
+    s_stop = 1;
+    if (metrics_on) pthread_join(metrics, NULL);
     long stored, failed;
     kp_ingest_counts(s_d.ing, &stored, &failed);
     kp_info("main", "stopping: %ld instances stored, %ld failed", stored, failed);

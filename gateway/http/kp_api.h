@@ -46,6 +46,17 @@ int kp_api_modality_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
 int kp_api_modality_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_modality_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_modality_echo(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+/* kp_api_routes.c: routing rules and deliveries (route.manage; docs/routing.md); {id} is
+ * req->params[0]. Secrets of STOW-RS destinations are never returned. */
+int kp_api_routes_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_routes_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_route_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_route_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_route_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_route_deliveries(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_route_delivery_retry(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_route_deliveries_retry(kp_http_env_t *env, const kp_http_req_t *req,
+                                  kp_http_resp_t *resp);
 /* Helpers of the handlers (defined in kp_api_admin.c, shared with kp_api_reports.c). */
 /* The JSON body, or {} when the request has none; NULL when resp is answered (400). The
  * returned object is the caller's to json_decref. */

@@ -259,21 +259,31 @@ static void s_metrics_bus(kp_http_env_t *env, FILE *out)
     if (rc) return;
     /* per queue type, then per worker (its kind is the last part of host:pid:kind) */
     static const struct {
-        const char *name, *help, *field;
+        const char *name, *help, *field, *type;
         bool per_worker;
         double scale;
     } series[] = {
-        {"klinika_bus_queued", "Jobs the broker holds for a worker, by type", "queued", false, 1},
+        {"klinika_bus_queued", "Jobs the broker holds for a worker, by type", "queued", "gauge",
+         false, 1},
         {"klinika_bus_inflight", "Jobs dispatched to a worker and not yet done, by type",
-         "inflight", false, 1},
+         "inflight", "gauge", false, 1},
         {"klinika_worker_last_seen_seconds",
-         "Seconds since the broker last heard from a worker (heartbeats)", "last_seen_ms", true,
-         1e-3},
-        {"klinika_worker_inflight", "Jobs a worker is running", "inflight", true, 1},
+         "Seconds since the broker last heard from a worker (heartbeats)", "last_seen_ms", "gauge",
+         true, 1e-3},
+        {"klinika_worker_inflight", "Jobs a worker is running", "inflight", "gauge", true, 1},
+        /* from the workers' heartbeats: per process, so they restart at 0 with it */
+        {"klinika_worker_jobs_done_total", "Jobs a worker reported done since it started", "done",
+         "counter", true, 1},
+        {"klinika_worker_jobs_failed_total", "Jobs a worker reported failed since it started",
+         "failed", "counter", true, 1},
+        {"klinika_worker_busy_seconds_total",
+         "Summed time from receiving each job to reporting it done (rate / rate of jobs done = "
+         "mean job duration)",
+         "busy_ms", "counter", true, 1e-3},
     };
     for (size_t k = 0; k < sizeof series / sizeof series[0]; k++) {
-        fprintf(out, "# HELP %s %s\n# TYPE %s gauge\n", series[k].name, series[k].help,
-                series[k].name);
+        fprintf(out, "# HELP %s %s\n# TYPE %s %s\n", series[k].name, series[k].help, series[k].name,
+                series[k].type);
         if (!series[k].per_worker) {
             const char *type;
             json_t *q;
@@ -322,6 +332,7 @@ int kp_api_metrics(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t 
             "# TYPE klinika_schema_version gauge\nklinika_schema_version %d\n",
             KP_SCHEMA_VERSION);
     kp_metrics_write(out);
+    kp_metrics_write_dicomd(out);
     s_metrics_db(env, out);
     s_metrics_bus(env, out);
     struct statvfs vfs;

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* latency buckets (seconds), the usual Prometheus ladder around our targets */
 static const double s_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -175,6 +176,85 @@ void kp_metrics_write(FILE *out)
         fprintf(out, "\"} %llu\n", (unsigned long long)h->count);
     }
     pthread_mutex_unlock(&s_m.mu);
+}
+
+/* ---- pacs-dicomd's counters (metrics.dicomd events) ------------------------------------------ */
+
+#define S_DICOMD_MAX   32
+#define S_DICOMD_STALE 60 /* seconds without an event after which a process is dropped */
+
+static const struct {
+    const char *field, *name, *help, *label; /* label: extra label=value, or NULL */
+} s_dicomd_series[] = {
+    {"associations_accepted", "klinika_dicom_associations_total", "DICOM associations, by result",
+     "result=\"accepted\""},
+    {"associations_rejected", "klinika_dicom_associations_total", NULL, "result=\"rejected\""},
+    {"stores_ok", "klinika_dicom_stores_total", "C-STORE requests, by outcome",
+     "outcome=\"success\""},
+    {"stores_failed", "klinika_dicom_stores_total", NULL, "outcome=\"failure\""},
+    {"bytes_received", "klinika_dicom_received_bytes_total",
+     "Bytes of the instances received with C-STORE", NULL},
+    {"queries", "klinika_dicom_queries_total", "C-FIND requests", NULL},
+    {"retrieves", "klinika_dicom_retrieves_total", "C-MOVE and C-GET requests", NULL},
+    {"instances_sent", "klinika_dicom_sent_instances_total",
+     "Instances sent by C-MOVE and C-GET sub-operations", NULL},
+    {"bytes_sent", "klinika_dicom_sent_bytes_total",
+     "Bytes of the instances sent by C-MOVE and C-GET", NULL},
+};
+#define S_DICOMD_N (sizeof s_dicomd_series / sizeof s_dicomd_series[0])
+
+static struct {
+    pthread_mutex_t mu;
+    struct {
+        char process[160];
+        double v[S_DICOMD_N];
+        time_t seen;
+    } p[S_DICOMD_MAX];
+} s_dicomd = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+void kp_metrics_dicomd(const json_t *payload)
+{
+    const char *proc = json_string_value(json_object_get(payload, "process"));
+    if (!proc || !*proc || strlen(proc) >= sizeof s_dicomd.p[0].process) return;
+    time_t now = time(NULL);
+    pthread_mutex_lock(&s_dicomd.mu);
+    int slot = -1, oldest = 0;
+    for (int i = 0; i < S_DICOMD_MAX; i++) {
+        if (s_dicomd.p[i].seen && !strcmp(s_dicomd.p[i].process, proc)) {
+            slot = i;
+            break;
+        }
+        if (s_dicomd.p[i].seen < s_dicomd.p[oldest].seen) oldest = i;
+    }
+    if (slot < 0) { /* a free slot (seen 0) or the longest silent process's */
+        slot = oldest;
+        snprintf(s_dicomd.p[slot].process, sizeof s_dicomd.p[slot].process, "%s", proc);
+    }
+    for (size_t k = 0; k < S_DICOMD_N; k++) {
+        json_t *v = json_object_get(payload, s_dicomd_series[k].field);
+        s_dicomd.p[slot].v[k] = json_is_number(v) ? json_number_value(v) : 0;
+    }
+    s_dicomd.p[slot].seen = now;
+    pthread_mutex_unlock(&s_dicomd.mu);
+}
+
+void kp_metrics_write_dicomd(FILE *out)
+{
+    time_t now = time(NULL);
+    pthread_mutex_lock(&s_dicomd.mu);
+    for (size_t k = 0; k < S_DICOMD_N; k++) {
+        if (s_dicomd_series[k].help)
+            fprintf(out, "# HELP %s %s (per pacs-dicomd process)\n# TYPE %s counter\n",
+                    s_dicomd_series[k].name, s_dicomd_series[k].help, s_dicomd_series[k].name);
+        for (int i = 0; i < S_DICOMD_MAX; i++) {
+            if (!s_dicomd.p[i].seen || now - s_dicomd.p[i].seen > S_DICOMD_STALE) continue;
+            fprintf(out, "%s{process=\"", s_dicomd_series[k].name);
+            kp_metrics_label(out, s_dicomd.p[i].process);
+            fprintf(out, "\"%s%s} %.17g\n", s_dicomd_series[k].label ? "," : "",
+                    s_dicomd_series[k].label ? s_dicomd_series[k].label : "", s_dicomd.p[i].v[k]);
+        }
+    }
+    pthread_mutex_unlock(&s_dicomd.mu);
 }
 
 /* ---- the address allow-list ----------------------------------------------------------------- */

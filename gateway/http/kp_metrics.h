@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <jansson.h>
 #include <stdio.h>
 
 typedef enum {
@@ -39,6 +40,11 @@ void kp_metrics_label(FILE *out, const char *v);
 
 /* Writes every metric of this module in the text format. */
 void kp_metrics_write(FILE *out);
+/* Keeps the counters of one pacs-dicomd process from a metrics.dicomd event payload
+ * ({process, associations_accepted, ...}; schema/messages.md). Thread-safe. */
+void kp_metrics_dicomd(const json_t *payload);
+/* Writes the klinika_dicom_* counters of the dicomd processes heard from in the last minute. */
+void kp_metrics_write_dicomd(FILE *out);
 
 /* True when the client address addr (numeric, IPv4 or IPv6) is in allow: a comma-separated list
  * of addresses and CIDR blocks ("127.0.0.1, ::1, 10.0.0.0/8"), or "*" for any. Pure. */

@@ -1258,6 +1258,16 @@ static const kp_route_t s_routes[] = {
     {"PUT", "/api/modalities/{name}", "system.configure", kp_api_modality_update},
     {"DELETE", "/api/modalities/{name}", "system.configure", kp_api_modality_delete},
     {"POST", "/api/modalities/{name}/echo", "system.configure", kp_api_modality_echo},
+    /* routing rules and deliveries (kp_api_routes.c; pacs-router sends them). The literal
+     * /api/routes/deliveries comes before /api/routes/{id} ({id} is digits only anyway). */
+    {"GET", "/api/routes/deliveries", "route.manage", kp_api_route_deliveries},
+    {"POST", "/api/routes/deliveries/retry", "route.manage", kp_api_route_deliveries_retry},
+    {"POST", "/api/routes/deliveries/{id}/retry", "route.manage", kp_api_route_delivery_retry},
+    {"GET", "/api/routes", "route.manage", kp_api_routes_list},
+    {"POST", "/api/routes", "route.manage", kp_api_routes_create},
+    {"GET", "/api/routes/{id}", "route.manage", kp_api_route_get},
+    {"PUT", "/api/routes/{id}", "route.manage", kp_api_route_update},
+    {"DELETE", "/api/routes/{id}", "route.manage", kp_api_route_delete},
     {"GET", "/api/audit", "audit.read", kp_api_audit_list},
     /* doctors' reports (kp_api_reports.c; docs/reports.md) */
     {"GET", "/api/studies/{study}/reports", "report.read", kp_api_study_reports},
@@ -1373,6 +1383,22 @@ void kp_routes_audit(kp_http_env_t *env, const kp_http_req_t *req, const kp_http
         const char *ae =
             req->nparams ? req->params[0] : json_string_value(json_object_get(b, "ae_title"));
         json_object_set_new(d, "target", json_string(ae ? ae : ""));
+        json_decref(b);
+    } else if (!strcmp(perm, "route.manage") && strcmp(req->method, "GET")) {
+        /* a change of a routing rule, or a manual retry of deliveries */
+        action = "admin.route";
+        json_t *b = req->nparams || !resp->body ? NULL : json_loadb(resp->body, resp->len, 0, NULL);
+        json_t *rid = json_object_get(b, "id");
+        char target[96];
+        if (r->handler == kp_api_route_delivery_retry)
+            snprintf(target, sizeof target, "delivery %s", req->params[0]);
+        else if (r->handler == kp_api_route_deliveries_retry)
+            snprintf(target, sizeof target, "dead deliveries");
+        else if (req->nparams)
+            snprintf(target, sizeof target, "route %s", req->params[0]);
+        else
+            snprintf(target, sizeof target, "route %lld", (long long)json_integer_value(rid));
+        json_object_set_new(d, "target", json_string(target));
         json_decref(b);
     } else if ((!strcmp(perm, "user.manage") || !strcmp(perm, "role.manage") ||
                 !strcmp(perm, "site.manage")) &&

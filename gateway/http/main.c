@@ -189,17 +189,17 @@ static void s_header(h2o_req_t *req, const char *name, const char *value)
  * (and DICOMweb) get one that its bundle runs under - it needs WebAssembly, eval in some of its
  * codecs, workers from blob: URLs and its two inline start-up scripts - but that still confines
  * every request, image, font, worker and frame to this origin (an injected script can neither
- * load code from nor fetch from or post to another origin), forbids plugins and <base> hijacking, and allows framing
- * by our own pages only. */
+ * load code from nor fetch from or post to another origin), forbids plugins and <base> hijacking,
+ * and allows framing by our own pages only. */
 #define S_CSP_APP                                                                                  \
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' "     \
     "data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "          \
     "frame-ancestors 'none'"
 #define S_CSP_VIEWER                                                                               \
-    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' 'wasm-unsafe-eval' "     \
+    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' 'wasm-unsafe-eval' "      \
     "blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; " \
-    "connect-src 'self' data: blob:; worker-src 'self' blob:; media-src 'self' blob:; "          \
-    "frame-src 'self' blob:; object-src 'none'; base-uri 'self'; form-action 'self'; "           \
+    "connect-src 'self' data: blob:; worker-src 'self' blob:; media-src 'self' blob:; "            \
+    "frame-src 'self' blob:; object-src 'none'; base-uri 'self'; form-action 'self'; "             \
     "frame-ancestors 'self'"
 
 static void s_security_headers(h2o_req_t *req, int tls)
@@ -642,7 +642,7 @@ static void s_options(h2o_req_t *req, const char *allow)
 static void *s_events_main(void *arg)
 {
     (void)arg;
-    kp_bus_sub_t *sub = kp_bus_subscribe(s_g.cfg, "study.");
+    kp_bus_sub_t *sub = kp_bus_subscribe(s_g.cfg, ""); /* study.changed, metrics.dicomd */
     if (!sub) {
         kp_warn("cache", "cannot subscribe to study events; metadata is cached for %ld s at most",
                 s_g.cfg->http_metadata_cache_ttl);
@@ -655,6 +655,8 @@ static void *s_events_main(void *arg)
         if (!strcmp(m.type, "study.changed") && study) {
             kp_mdcache_invalidate(s_g.mdcache, study);
             kp_debug("cache", "study %s changed: its metadata leaves the cache", study);
+        } else if (!strcmp(m.type, "metrics.dicomd") && m.payload) {
+            kp_metrics_dicomd(m.payload);
         }
         kp_msg_clear(&m);
     }

@@ -1176,6 +1176,7 @@ T_ASC_PresentationContextID s_pick_context(T_ASC_Association *assoc, const std::
 /* Counters and the failed list of one C-MOVE / C-GET. */
 struct KpSubOps {
     unsigned total = 0, completed = 0, failed = 0, warning = 0;
+    unsigned long long bytes = 0; /* of the instances sent */
     std::vector<std::string> failed_uids;
     unsigned remaining() const
     {
@@ -1196,7 +1197,7 @@ OFCondition s_store_instance(T_ASC_Association *assoc, T_ASC_PresentationContext
                              const KpRetrieveItem &it, const std::string &accepted,
                              const char *move_originator, DIC_US move_msg_id, int timeout,
                              T_DIMSE_DetectedCancelParameters *cancel, Uint16 *status,
-                             std::string &why)
+                             std::string &why, unsigned long long *sent = nullptr)
 {
     T_DIMSE_C_StoreRQ rq;
     memset(&rq, 0, sizeof rq);
@@ -1226,6 +1227,9 @@ OFCondition s_store_instance(T_ASC_Association *assoc, T_ASC_PresentationContext
         }
         c = DIMSE_storeUser(assoc, pres_id, &rq, it.path.c_str(), nullptr, nullptr, nullptr,
                             DIMSE_NONBLOCKING, timeout, &rsp, &detail, cancel);
+        struct stat sb;
+        if (c.good() && sent && stat(it.path.c_str(), &sb) == 0)
+            *sent += static_cast<unsigned long long>(sb.st_size);
     } else {
         kp_buf_t buf = {nullptr, 0};
         int rc = kp_image_transcode(it.path.c_str(), accepted.c_str(), &buf);
@@ -1251,6 +1255,7 @@ OFCondition s_store_instance(T_ASC_Association *assoc, T_ASC_PresentationContext
         }
         c = DIMSE_storeUser(assoc, pres_id, &rq, nullptr, ff.getDataset(), nullptr, nullptr,
                             DIMSE_NONBLOCKING, timeout, &rsp, &detail, cancel);
+        if (c.good() && sent) *sent += buf.len; /* the Part 10 file we made; about the data set */
         kp_buf_free(&buf);
     }
     delete detail;
@@ -1280,7 +1285,7 @@ struct KpSubAssoc {
  * the plan a context per compressed stored syntax and one with Explicit and Implicit VR Little
  * Endian (at most 128 contexts: compressed ones beyond that are left out, their instances are
  * then transcoded). */
-OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg,
+OFCondition s_open_destination(KpSubAssoc &sub, const char *our_ae, int acse_timeout, int max_pdu,
                                const std::vector<KpRetrieveItem> &items, const std::string &dest_ae,
                                const std::string &host, int port, DcmTransportLayer *tls,
                                std::string &why)
@@ -1299,7 +1304,7 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
     if (classes.size() > 128) classes.resize(128);
     if (classes.size() + compressed.size() > 128) compressed.resize(128 - classes.size());
 
-    OFCondition c = ASC_initializeNetwork(NET_REQUESTOR, 0, cfg->acse_timeout, &sub.net);
+    OFCondition c = ASC_initializeNetwork(NET_REQUESTOR, 0, acse_timeout, &sub.net);
     if (c.bad()) {
         why = std::string("cannot initialise the network: ") + c.text();
         return c;
@@ -1310,13 +1315,13 @@ OFCondition s_open_destination(KpSubAssoc &sub, const kp_dicom_scp_config_t *cfg
         return c;
     }
     T_ASC_Parameters *params = nullptr;
-    c = ASC_createAssociationParameters(&params, static_cast<Uint32>(cfg->max_pdu));
+    c = ASC_createAssociationParameters(&params, static_cast<Uint32>(max_pdu));
     if (c.bad()) {
         why = c.text();
         return c;
     }
     if (tls) ASC_setTransportLayerType(params, OFTrue);
-    ASC_setAPTitles(params, cfg->ae_title, dest_ae.c_str(), nullptr);
+    ASC_setAPTitles(params, our_ae, dest_ae.c_str(), nullptr);
     char peer[300];
     snprintf(peer, sizeof peer, "%s:%d", host.c_str(), port);
     ASC_setPresentationAddresses(params, "localhost", peer);
@@ -1894,6 +1899,7 @@ class KpAssocSCP : public DcmThreadSCP
         res.failed = n.failed;
         res.warning = n.warning;
         res.remaining = n.remaining();
+        res.bytes_sent = n.bytes;
         res.study_uids = studies.empty() ? nullptr : studies.data();
         res.nstudies = studies.size();
         res.error = error.c_str();
@@ -1924,7 +1930,8 @@ class KpAssocSCP : public DcmThreadSCP
                     n.fail(it.sop_uid);
                 return EC_Normal;
             }
-            if (s_open_destination(*sub, m_cfg, plan.items, dest, plan.host, plan.port,
+            if (s_open_destination(*sub, m_cfg->ae_title, m_cfg->acse_timeout, m_cfg->max_pdu,
+                                   plan.items, dest, plan.host, plan.port,
                                    plan.tls ? m_client_tls : nullptr, why)
                     .bad()) {
                 kp_warn(CAT, "C-MOVE from %s: %s", m_calling.c_str(), why.c_str());
@@ -1963,7 +1970,7 @@ class KpAssocSCP : public DcmThreadSCP
             } else {
                 OFCondition sc = s_store_instance(
                     target, ctx, it, accepted, op == KP_DICOM_MOVE ? m_calling.c_str() : nullptr,
-                    msg_id, timeout, op == KP_DICOM_GET ? &cancel : nullptr, &st, why);
+                    msg_id, timeout, op == KP_DICOM_GET ? &cancel : nullptr, &st, why, &n.bytes);
                 if (sc.bad()) {
                     if (op == KP_DICOM_GET) return sc; /* the requesting association broke */
                     why = std::string("association to the destination failed: ") + sc.text();
@@ -2089,9 +2096,10 @@ int s_first_pdu_ready(const Pending &p)
     if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
     if (static_cast<size_t>(n) < hlen) return 0;
     /* PDU: type, reserved, 4-byte length; TLS record: type, version (2), 2-byte length */
-    size_t len = p.secure ? (static_cast<size_t>(head[3]) << 8 | head[4])
-                          : (static_cast<size_t>(head[2]) << 24 | static_cast<size_t>(head[3]) << 16 |
-                             static_cast<size_t>(head[4]) << 8 | head[5]);
+    size_t len = p.secure
+                     ? (static_cast<size_t>(head[3]) << 8 | head[4])
+                     : (static_cast<size_t>(head[2]) << 24 | static_cast<size_t>(head[3]) << 16 |
+                        static_cast<size_t>(head[4]) << 8 | head[5]);
     /* a request larger than this is refused by DCMTK anyway: hand it over once this much is in */
     size_t need = hlen + (len < 65536 ? len : 65536);
     static thread_local std::vector<unsigned char> buf;
@@ -2237,8 +2245,8 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
             int wait_ms = 250;
             const auto now = std::chrono::steady_clock::now();
             for (const Pending &p : pending) {
-                auto left = std::chrono::duration_cast<std::chrono::milliseconds>(p.deadline - now)
-                                .count();
+                auto left =
+                    std::chrono::duration_cast<std::chrono::milliseconds>(p.deadline - now).count();
                 if (left < wait_ms) wait_ms = left > 0 ? static_cast<int>(left) : 0;
             }
             int n = poll(pfd.data(), pfd.size(), wait_ms);
@@ -2250,19 +2258,21 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
             for (int i = 0; n > 0 && i < 2; i++) {
                 if (!(pfd[i].revents & POLLIN)) continue;
                 int fd = accept4(i ? tfd : lfd, nullptr, nullptr, SOCK_CLOEXEC);
-                if (fd < 0) continue; /* EAGAIN (taken already), ECONNABORTED, EMFILE: logged
-                                       * by the next failure that matters */
+                if (fd < 0)
+                    continue; /* EAGAIN (taken already), ECONNABORTED, EMFILE: logged
+                               * by the next failure that matters */
                 if (pending.size() >= max_pending) {
-                    kp_warn(CAT, "too many connections without an association request: "
-                                 "dropping the oldest, from %s",
+                    kp_warn(CAT,
+                            "too many connections without an association request: "
+                            "dropping the oldest, from %s",
                             pending.front().peer.c_str());
                     close(pending.front().fd);
                     pending.erase(pending.begin());
                 }
-                pending.push_back({fd, i == 1,
-                                   std::chrono::steady_clock::now() +
-                                       std::chrono::seconds(cfg.acse_timeout),
-                                   s_peer_name(fd)});
+                pending.push_back(
+                    {fd, i == 1,
+                     std::chrono::steady_clock::now() + std::chrono::seconds(cfg.acse_timeout),
+                     s_peer_name(fd)});
             }
             /* 2. pick one connection whose request is complete; drop the dead and the late */
             int ready_fd = -1;
@@ -2456,5 +2466,112 @@ extern "C" int kp_dicom_echo_tls(const char *host, int port, const char *calling
     } catch (...) {
         snprintf(err, errlen, "unexpected error");
         return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_store_scu(const char *host, int port, const char *calling_ae,
+                                  const char *called_ae, int timeout_s, const kp_dicom_tls_t *tls,
+                                  kp_dicom_store_item_t *items, size_t n, char *err, size_t errlen)
+{
+    char dummy[8];
+    if (!err) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = 0;
+    if (!host || !*host || port < 1 || port > 65535 || !calling_ae || !called_ae || (!items && n)) {
+        snprintf(err, errlen, "invalid host, port or AE title");
+        return KP_EINVAL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        items[i].status = 0xFFFF;
+        items[i].error[0] = 0;
+    }
+    try {
+        std::unique_ptr<DcmTLSTransportLayer> layer;
+        if (tls) {
+            std::string why;
+            layer = s_tls_layer(NET_REQUESTOR, tls, why);
+            if (!layer) {
+                snprintf(err, errlen, "TLS: %s", why.c_str());
+                return KP_EINVAL;
+            }
+        }
+        std::vector<KpRetrieveItem> plan;
+        plan.reserve(n);
+        for (size_t i = 0; i < n; i++) {
+            KpRetrieveItem it;
+            it.sop_class = items[i].sop_class_uid ? items[i].sop_class_uid : "";
+            it.sop_uid = items[i].sop_instance_uid ? items[i].sop_instance_uid : "";
+            it.ts = items[i].transfer_syntax_uid ? items[i].transfer_syntax_uid : "";
+            it.path = items[i].path ? items[i].path : "";
+            plan.push_back(std::move(it));
+        }
+        const int t = timeout_s > 0 ? timeout_s : 30;
+        dcmConnectionTimeout.set(static_cast<Sint32>(t));
+        KpSubAssoc sub;
+        std::string why;
+        OFCondition c = s_open_destination(sub, calling_ae, t, ASC_DEFAULTMAXPDU, plan, called_ae,
+                                           host, port, layer.get(), why);
+        if (c.bad()) {
+            snprintf(err, errlen, "%s", why.c_str());
+            if (c == EC_IllegalCall && sub.assoc) return KP_EPERM; /* no context accepted */
+            return c == DUL_ASSOCIATIONREJECTED ? KP_EPERM : KP_EIO;
+        }
+        for (size_t i = 0; i < n; i++) {
+            const KpRetrieveItem &it = plan[i];
+            if (sub.broken) break;
+            if (it.sop_class.empty() || it.sop_uid.empty() || it.path.empty()) {
+                items[i].status = STATUS_STORE_Error_CannotUnderstand;
+                snprintf(items[i].error, sizeof items[i].error, "SOP class, UID or path missing");
+                continue;
+            }
+            std::string accepted;
+            T_ASC_PresentationContextID ctx =
+                s_pick_context(sub.assoc, it.sop_class, it.ts, false, accepted);
+            if (!ctx) {
+                items[i].status = STATUS_STORE_Refused_SOPClassNotSupported;
+                snprintf(items[i].error, sizeof items[i].error,
+                         "%s accepted no context for SOP class %s / syntax %s", called_ae,
+                         it.sop_class.c_str(), it.ts.c_str());
+                continue;
+            }
+            Uint16 st = 0xFFFF;
+            std::string wy;
+            c = s_store_instance(sub.assoc, ctx, it, accepted, nullptr, 0, t, nullptr, &st, wy);
+            if (c.bad()) {
+                sub.broken = true;
+                snprintf(items[i].error, sizeof items[i].error, "association broke: %s", c.text());
+                snprintf(err, errlen, "association to %s broke: %s", called_ae, c.text());
+                break;
+            }
+            items[i].status = st;
+            if (!wy.empty()) snprintf(items[i].error, sizeof items[i].error, "%s", wy.c_str());
+        }
+        return 0;
+    } catch (const std::bad_alloc &) {
+        snprintf(err, errlen, "out of memory");
+        return KP_ENOMEM;
+    } catch (...) {
+        snprintf(err, errlen, "unexpected error");
+        return KP_EINTERNAL;
+    }
+}
+
+extern "C" int kp_dicom_tag_by_keyword(const char *keyword, uint32_t *tag)
+{
+    if (!keyword || !*keyword || !tag) return KP_ENOTFOUND;
+    try {
+        const DcmDataDictionary &dict = dcmDataDict.rdlock();
+        const DcmDictEntry *e = dict.findEntry(keyword);
+        int rc = KP_ENOTFOUND;
+        if (e && !e->isRepeating()) {
+            *tag = (static_cast<uint32_t>(e->getGroup()) << 16) | e->getElement();
+            rc = 0;
+        }
+        dcmDataDict.rdunlock();
+        return rc;
+    } catch (...) {
+        return KP_ENOTFOUND;
     }
 }

@@ -213,6 +213,7 @@ typedef unsigned (*kp_dicom_retrieve_fn)(void *user, const kp_dicom_retrieve_req
 typedef struct {
     unsigned status; /* the final DIMSE status sent (or that would have been sent) */
     unsigned completed, failed, warning, remaining; /* sub-operation counts */
+    unsigned long long bytes_sent; /* of the instances sent (stored files, or transcoded) */
     const char *const *study_uids; /* distinct Study Instance UIDs of the plan, in order */
     size_t nstudies;
     const char *error; /* a short reason for a refusal or failure, "" when none */
@@ -304,6 +305,35 @@ int kp_dicom_echo(const char *host, int port, const char *calling_ae, const char
  * unreadable or mismatched key / certificate files are KP_EINVAL. */
 int kp_dicom_echo_tls(const char *host, int port, const char *calling_ae, const char *called_ae,
                       int timeout_s, const kp_dicom_tls_t *tls, char *err, size_t errlen);
+
+/* ---- Storage SCU (pacs-router) ---- */
+
+/* One instance to send with kp_dicom_store_scu(): in: its SOP class and instance UIDs, the
+ * transfer syntax it is stored in ("" when unknown: then always transcoded) and the absolute
+ * path of its Part 10 file; out: the peer's DIMSE status (0x0000 success, 0xBxxx warning), or
+ * 0xFFFF when it was not sent (association broke or never opened), or a failure status of ours
+ * (0xC000 / 0x0122) with the reason in error. */
+typedef struct {
+    const char *sop_class_uid, *sop_instance_uid, *transfer_syntax_uid, *path;
+    unsigned status;
+    char error[160];
+} kp_dicom_store_item_t;
+
+/* Sends n instances with C-STORE over one association from calling_ae to called_ae at
+ * host:port (over DICOM TLS when tls is not NULL, as kp_dicom_echo_tls), negotiated the way
+ * C-MOVE sub-operations are (the same code): per SOP class the stored compressed syntax and
+ * Explicit / Implicit VR Little Endian are proposed, and an instance whose stored syntax was not
+ * accepted is transcoded (kp_image_transcode) to the best accepted one. timeout_s bounds the
+ * connection and each message. Returns 0 when the association was opened (each item's status
+ * says how it went; items after a broken association stay 0xFFFF), or KP_EIO (no connection,
+ * TLS handshake failed), KP_EPERM (association rejected), KP_EINVAL (bad arguments or TLS
+ * files), KP_ENOMEM, KP_EINTERNAL, with the reason in err. Safe from any thread. */
+int kp_dicom_store_scu(const char *host, int port, const char *calling_ae, const char *called_ae,
+                       int timeout_s, const kp_dicom_tls_t *tls, kp_dicom_store_item_t *items,
+                       size_t n, char *err, size_t errlen);
+
+/* The tag of a data dictionary keyword ("PatientName" -> 0x00100010). 0, or KP_ENOTFOUND. */
+int kp_dicom_tag_by_keyword(const char *keyword, uint32_t *tag);
 
 #ifdef __cplusplus
 }

@@ -93,7 +93,7 @@ class System:
     also pacs-gateway (HTTPS on self.https_port, its redirect on self.http_port, 127.0.0.1)."""
 
     def __init__(self, cluster, indexers=1, extra_env=None, start=True, gateway=False,
-                 compressors=0, db_user=APP_ROLE):
+                 compressors=0, routers=0, db_user=APP_ROLE):
         self.dir = tempfile.mkdtemp(prefix="kp-sys-")
         self.dsn = cluster.new_database()
         self.port = free_port()
@@ -148,6 +148,7 @@ class System:
         self.logs = {}
         self.n_indexers = indexers
         self.n_compressors = compressors  # pacs-compressor processes (compress.* in extra_env)
+        self.n_routers = routers  # pacs-router processes (router.* in extra_env)
         if start:
             try:
                 self.start_all()
@@ -173,6 +174,8 @@ class System:
         self.start("pacs-reporter#0", "pacs-reporter")
         for i in range(self.n_compressors):
             self.start(f"pacs-compressor#{i}", "pacs-compressor")
+        for i in range(self.n_routers):
+            self.start(f"pacs-router#{i}", "pacs-router")
         self.start_dicomd()
         if self.gateway:
             self.start_gateway()

@@ -56,7 +56,7 @@ def env_of(doc, name):
 def test_compose_file_is_valid():
     doc = compose()
     want = {"postgres", "migrate", "busd", "dicomd", "gateway", "indexer", "auditor",
-            "compressor", "reporter"}
+            "compressor", "reporter", "router"}
     assert want <= set(doc["services"]), set(doc["services"])
     assert doc["networks"]["backend"]["internal"] is True
     assert {"pgdata", "storage", "logs"} <= set(doc["volumes"])
@@ -73,7 +73,7 @@ def test_compose_file_is_valid():
         else:
             assert "ports" not in s and s["networks"] == ["backend"], name
     # scalable workers: no fixed container name
-    for w in ("indexer", "auditor", "compressor", "reporter"):
+    for w in ("indexer", "auditor", "compressor", "reporter", "router"):
         assert "container_name" not in doc["services"][w]
     if not shutil.which("docker-compose"):
         pytest.skip("docker-compose (Debian's client) is not installed")

@@ -151,6 +151,24 @@ def test_metrics_parse_and_move(own):
     assert value(m1, "klinika_sessions_active") >= 1
     assert value(m1, "klinika_schema_version") >= 6
 
+    # pacs-dicomd's counters (its metrics.dicomd events) and the workers' (their heartbeats)
+    def total(samples, name, **labels):
+        return sum(v for (n, ls), v in samples.items()
+                   if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+    def dicom_counted():
+        m = metrics(s)[1]
+        return m if total(m, "klinika_dicom_stores_total", outcome="success") >= 1 else None
+    m2 = kp.wait_for(dicom_counted, 30, "the C-STORE in klinika_dicom_stores_total")
+    # the file as received is the stored one (bit-preserving)
+    stored = s.sql("SELECT sum(file_size) FROM instances")[0][0]
+    assert total(m2, "klinika_dicom_received_bytes_total") == stored
+    assert total(m2, "klinika_dicom_associations_total", result="accepted") >= 1
+    procs = {dict(ls).get("process") for (n, ls) in m2 if n == "klinika_dicom_stores_total"}
+    assert procs == {f"{os.uname().nodename}:{s.procs['pacs-dicomd'].pid}"}
+    kp.wait_for(lambda: total(metrics(s)[1], "klinika_worker_jobs_done_total", kind="indexer")
+                >= 1, 30, "the indexer's jobs in klinika_worker_jobs_done_total")
+
 
 def test_metrics_refused_to_other_addresses(cluster):
     s = kp.System(cluster, gateway=True, extra_env={"KP_HTTP_METRICS_ALLOW": "10.9.9.9/32"})

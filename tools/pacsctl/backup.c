@@ -596,8 +596,13 @@ static bool s_restore_dump(const char *conninfo, const char *snap, const unsigne
     snprintf(dbarg, sizeof dbarg, "--dbname=%s", conninfo);
     /* privileges are not restored: the target may not have the roles of the source (a scratch
      * cluster); restore grants db.app_role's afterwards, as migrate does */
-    char *argv[] = {"pg_restore",           "--exit-on-error", "--no-owner", "--no-privileges",
-                    "--single-transaction", dbarg,             NULL};
+    char *argv[] = {"pg_restore",
+                    "--exit-on-error",
+                    "--no-owner",
+                    "--no-privileges",
+                    "--single-transaction",
+                    dbarg,
+                    NULL};
     int pfd = -1;
     pid_t pid = s_spawn_pipe(argv, true, &pfd);
     if (pid < 0) return false;

@@ -6,6 +6,7 @@
  *   pacsctl [--config FILE] jobs [--state S] [--limit N]   list outbox jobs
  *   pacsctl [--config FILE] jobs retry ID|--failed          make jobs pending again
  *   pacsctl [--config FILE] ae list|add|remove|echo ...      the modality registry
+ *   pacsctl [--config FILE] route list|add|remove|deliveries|retry ...   routing rules
  *   pacsctl [--config FILE] audit verify|list ...            the audit trail
  *   pacsctl [--config FILE] workers [--kind K] [--json]     live workers, their counters
  *   pacsctl bus keygen FILE                    write a new CurveZMQ key pair
@@ -49,6 +50,8 @@ static void s_usage(void)
         "  ae list | add AE --host H --port P [--description D] [--site S] [--no-store]\n"
         "     [--no-find] [--no-retrieve] [--tls] | remove AE | echo AE\n"
         "                           the modality registry; echo sends a C-ECHO to the AE\n"
+        "  route list | add --json FILE | remove ID | deliveries [--state S] [--rule ID]\n"
+        "     [--limit N] | retry ID|--dead   routing rules and their deliveries\n"
         "  user list | add NAME --role R [--role R2] [--site S] [--display-name D] [--email E]\n"
         "     [--language L] [--password-file F | --password-env VAR] [--temporary]\n"
         "     [--if-missing] | passwd NAME [...] | disable|enable|unlock|reset-mfa|\n"
@@ -111,9 +114,11 @@ int pacsctl_app_role(const kp_config_t *cfg, kp_db_t *db)
     size_t n = strlen(role);
     bool ok = n <= 63 && (role[0] == '_' || (role[0] >= 'a' && role[0] <= 'z'));
     for (size_t i = 0; ok && i < n; i++)
-        ok = role[i] == '_' || (role[i] >= 'a' && role[i] <= 'z') || (role[i] >= '0' && role[i] <= '9');
+        ok = role[i] == '_' || (role[i] >= 'a' && role[i] <= 'z') ||
+             (role[i] >= '0' && role[i] <= '9');
     if (!ok) {
-        fprintf(stderr, "pacsctl: db.app_role '%s' must be a lower-case SQL name ([a-z_][a-z0-9_]*)\n",
+        fprintf(stderr,
+                "pacsctl: db.app_role '%s' must be a lower-case SQL name ([a-z_][a-z0-9_]*)\n",
                 role);
         return 1;
     }
@@ -122,8 +127,9 @@ int pacsctl_app_role(const kp_config_t *cfg, kp_db_t *db)
     bool self = !strcmp(PQgetvalue(r, 0, 0), "t");
     PQclear(r);
     if (self) {
-        fprintf(stderr, "pacsctl: migrate must run as the schema's owner, not as db.app_role %s "
-                        "(use the owner's connection string for migrate and restore)\n",
+        fprintf(stderr,
+                "pacsctl: migrate must run as the schema's owner, not as db.app_role %s "
+                "(use the owner's connection string for migrate and restore)\n",
                 role);
         return 1;
     }
@@ -383,8 +389,13 @@ static int s_reindex(const kp_config_t *cfg, int argc, char **argv)
     kp_index_set_site_map(cfg->sites_map);
     ri.st = kp_storage_new(cfg->storage_root, cfg->storage_fsync);
     if (!ri.db || !ri.st) goto done;
-    if (wipe &&
-        kp_db_run(ri.db, "TRUNCATE instances, series, studies, patients RESTART IDENTITY", 0, NULL))
+    if (wipe && (kp_db_run(ri.db, "TRUNCATE instances, series, studies, patients", 0, NULL) ||
+                 /* numbering from 1 again (RESTART IDENTITY would need to own the sequences; the
+                  * services' role may only use them) */
+                 kp_db_run(ri.db,
+                           "SELECT setval(pg_get_serial_sequence(t, 'pk'), 1, false) FROM unnest("
+                           "ARRAY['instances', 'series', 'studies', 'patients']) t",
+                           0, NULL)))
         goto done;
     kp_storage_walk(ri.st, s_count_file, &ri);
     int wr = kp_storage_walk(ri.st, s_reindex_file, &ri);
@@ -490,6 +501,8 @@ int main(int argc, char **argv)
         rc = s_jobs(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "ae"))
         rc = pacsctl_ae(cfg, n - 1, args + 1);
+    else if (!strcmp(args[0], "route"))
+        rc = pacsctl_route(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "user"))
         rc = pacsctl_user(cfg, n - 1, args + 1);
     else if (!strcmp(args[0], "audit"))

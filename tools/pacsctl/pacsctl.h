@@ -12,6 +12,8 @@
 kp_db_t *pacsctl_db(const kp_config_t *cfg, bool check);
 /* `pacsctl ae ...`: the modality registry. Returns the exit status. */
 int pacsctl_ae(const kp_config_t *cfg, int argc, char **argv);
+/* `pacsctl route ...`: routing rules and deliveries. Returns the exit status. */
+int pacsctl_route(const kp_config_t *cfg, int argc, char **argv);
 
 /* `pacsctl user ...`: accounts. Returns the exit status. */
 int pacsctl_user(const kp_config_t *cfg, int argc, char **argv);

@@ -96,9 +96,9 @@ int pacsctl_workers(const kp_config_t *cfg, int argc, char **argv)
             s_age(seen, sizeof seen, s_int(w, "last_seen_ms"));
             char pid[16] = "-";
             if (s_int(w, "pid") > 0) snprintf(pid, sizeof pid, "%lld", s_int(w, "pid"));
-            printf("%-12s %-20s %-8s %-9lld %-7lld %-9lld %-28s %s ago\n",
-                   s_str(w, "kind", "?"), s_str(w, "host", s_str(w, "name", "?")), pid,
-                   s_int(w, "done"), s_int(w, "failed"), s_int(w, "inflight"), cur, seen);
+            printf("%-12s %-20s %-8s %-9lld %-7lld %-9lld %-28s %s ago\n", s_str(w, "kind", "?"),
+                   s_str(w, "host", s_str(w, "name", "?")), pid, s_int(w, "done"),
+                   s_int(w, "failed"), s_int(w, "inflight"), cur, seen);
         }
         /* a summary per kind, for the eye and for scripts that count */
         printf("\n");

@@ -402,10 +402,10 @@ static const char s_instance_sql[] =
         "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
         "transfer_syntax_uid, rows, columns, bits_allocated, number_of_frames, content_date, "
         "content_time, path, file_size, file_sha256, pixel_offset, pixel_length, "
-        "charset_fallback, calling_ae, metadata, received_at) VALUES ($1::bigint, $2, $3, $4::int, "
+        "charset_fallback, calling_ae, metadata, received_at, called_ae) VALUES ($1::bigint, $2, $3, $4::int, "
         "$5, "
         "$6::int, $7::int, $8::int, $9::int, $10, $11, $12, $13::bigint, $14, $15::bigint, "
-        "$16::bigint, $17::boolean, $18, $19::jsonb, to_timestamp($20::double precision)) ON "
+        "$16::bigint, $17::boolean, $18, $19::jsonb, to_timestamp($20::double precision), $21) ON "
         "CONFLICT (sop_uid) DO UPDATE SET "
         "series_pk = EXCLUDED.series_pk, sop_class_uid = EXCLUDED.sop_class_uid, "
         "instance_number = EXCLUDED.instance_number, transfer_syntax_uid = "
@@ -415,7 +415,8 @@ static const char s_instance_sql[] =
         "EXCLUDED.path, file_size = EXCLUDED.file_size, file_sha256 = EXCLUDED.file_sha256, "
         "pixel_offset = EXCLUDED.pixel_offset, pixel_length = EXCLUDED.pixel_length, "
         "charset_fallback = EXCLUDED.charset_fallback, calling_ae = "
-        "coalesce(EXCLUDED.calling_ae, instances.calling_ae), metadata = EXCLUDED.metadata, "
+        "coalesce(EXCLUDED.calling_ae, instances.calling_ae), called_ae = "
+        "coalesce(EXCLUDED.called_ae, instances.called_ae), metadata = EXCLUDED.metadata, "
         "received_at = EXCLUDED.received_at, "
         "updated_at = now() RETURNING (SELECT series_pk FROM old)";
 
@@ -458,8 +459,9 @@ static int s_upsert_instances(kp_db_t *db, s_parsed_t **v, size_t m, s_set_t *ol
                              p->item->calling_ae ? p->item->calling_ae
                                                  : kp_dicom_get(f, 0x00020016),
                              p->json,
-                             p->received_at};
-        if (!PQsendQueryParams(c, s_instance_sql, 20, NULL, ins, NULL, NULL, 0)) {
+                             p->received_at,
+                             p->item->called_ae};
+        if (!PQsendQueryParams(c, s_instance_sql, 21, NULL, ins, NULL, NULL, 0)) {
             kp_error("index", "cannot send an instance upsert: %s", PQerrorMessage(c));
             rc = KP_EDB;
             break;

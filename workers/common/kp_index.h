@@ -21,6 +21,7 @@ typedef struct {
     const char *sha256;     /* hex digest of the file, or NULL to compute it */
     int64_t size;           /* file size, or -1 to compute it */
     const char *calling_ae; /* who sent it; NULL: the file's SourceApplicationEntityTitle */
+    const char *called_ae;  /* the AE title it was sent to (C-STORE), or NULL (kept as it was) */
     /* out: 0 indexed, KP_EDICOM unparsable (job marked failed), 1 skipped (job already done),
      * other negative codes: not written (transaction failed; retry the batch) */
     int result;

@@ -127,6 +127,7 @@ int main(int argc, char **argv)
                 .sha256 = s_str(pl, "sha256"),
                 .size = json_is_integer(size) ? json_integer_value(size) : -1,
                 .calling_ae = s_str(pl, "ae"),
+                .called_ae = s_str(pl, "called"),
             };
             ix[m] = i;
             m++;
