@@ -55,6 +55,7 @@ static const struct {
     {"POST", "/api/auth/refresh", "New access token from the refresh token (rotated)"},
     {"POST", "/api/auth/logout", "Sign out: the session and its refresh tokens are revoked"},
     {"GET", "/api/auth/me", "The signed-in user, roles, sites and permissions"},
+    {"PUT", "/api/auth/me", "Change one's own settings: {\"language\"}"},
     {"POST", "/api/auth/password", "Change one's own password"},
     {"POST", "/api/auth/mfa/setup", "Start TOTP enrolment (otpauth URI and QR code)"},
     {"POST", "/api/auth/mfa/confirm", "Confirm TOTP enrolment with a code; recovery codes"},
@@ -85,6 +86,8 @@ static const struct {
     {"DELETE", "/api/modalities/{name}", "Remove a registered peer"},
     {"POST", "/api/modalities/{name}/echo", "C-ECHO to a registered peer"},
     {"GET", "/api/audit", "The audit trail, newest first, with filters"},
+    {"GET", "/api/worklist", "Studies with their report status: filters, paging (site-scoped)"},
+    {"GET", "/api/system/status", "Broker queues and workers, outbox jobs per type and state"},
     {"GET", "/api/studies/{study}/reports", "The reports of a study"},
     {"POST", "/api/studies/{study}/reports", "Start a report (a draft)"},
     {"GET", "/api/reports", "Reports by study or status (worklist)"},
@@ -108,6 +111,8 @@ static const struct {
     {"GET", "/metrics", "Prometheus metrics (http.metrics_allow addresses only)"},
     {"GET", "/app/login", "The sign-in page"},
     {"GET", "/app/login.js", "The sign-in page's script"},
+    {"GET", "/app", "The web application (worklist, reports, administration, account)"},
+    {"GET", "/app/{file...}", "A file of the web application, or index.html for its routes"},
 };
 
 const char *kp_openapi_summary(const char *method, const char *pattern)

@@ -185,13 +185,14 @@ static void s_header(h2o_req_t *req, const char *name, const char *value)
 }
 
 /* Our own pages and the API get a strict policy: only this origin's scripts (no inline script,
- * no eval), styles of the page itself, no plugins, no framing, forms only to us. The OHIF viewer
+ * no eval), styles of the page itself, no plugins, no framing of our pages, forms only to us;
+ * our pages may frame blob: URLs (the report editor's PDF preview). The OHIF viewer
  * keeps frame-ancestors only: its bundle needs WebAssembly, workers from blob: URLs and inline
  * styles, which a stricter policy would break. */
 #define S_CSP_APP                                                                                  \
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' "     \
-    "data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "          \
-    "frame-ancestors 'none'"
+    "data:; connect-src 'self'; frame-src 'self' blob:; object-src 'none'; base-uri 'none'; "      \
+    "form-action 'self'; frame-ancestors 'none'"
 
 static void s_security_headers(h2o_req_t *req, int tls)
 {
@@ -1385,6 +1386,7 @@ out:
     kp_api_health_shutdown();
     kp_openapi_free();
     kp_api_reports_shutdown();
+    kp_api_worklist_shutdown();
     kp_ingest_destroy(&s_g.ing);
     kp_storage_destroy(&s_g.st);
     kp_dicom_shutdown();
