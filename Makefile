@@ -84,7 +84,7 @@ $(BUILD)/obj/gateway/http/%.o: CFLAGS += $(H2O_CFLAGS)
 $(BUILD)/obj/tests/unit/gateway/%.o: CFLAGS += -Igateway/http $(H2O_CFLAGS)
 # unit tests of gateway modules link those objects (before libkp.a): UNIT_EXTRA_<test>
 UNIT_EXTRA_test_qido := $(BUILD)/obj/gateway/http/kp_qido.o
-UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o kp_api_health.o kp_api_reports.o kp_metrics.o kp_api_modalities.o kp_api_routes.o kp_openapi.o)
+UNIT_EXTRA_test_routes := $(addprefix $(BUILD)/obj/gateway/http/,kp_routes.o kp_qido.o kp_http.o kp_frames.o kp_multipart.o kp_mdcache.o kp_auth.o kp_api_auth.o kp_api_audit.o kp_api_admin.o kp_www.o kp_api_health.o kp_api_reports.o kp_metrics.o kp_api_modalities.o kp_api_routes.o kp_api_worklist.o kp_openapi.o)
 UNIT_EXTRA_test_mdcache := $(BUILD)/obj/gateway/http/kp_mdcache.o
 UNIT_EXTRA_test_ratelimit := $(BUILD)/obj/gateway/http/kp_ratelimit.o
 UNIT_EXTRA_test_frames := $(BUILD)/obj/gateway/http/kp_frames.o

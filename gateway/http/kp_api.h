@@ -9,6 +9,8 @@ int kp_api_login(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *r
 int kp_api_refresh(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_logout(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_me(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+/* PUT /api/auth/me {"language"}: the signed-in user's own settings; answers like GET. */
+int kp_api_me_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_mfa_setup(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 int kp_api_mfa_confirm(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
@@ -16,6 +18,13 @@ int kp_api_mfa_disable(kp_http_env_t *env, const kp_http_req_t *req, kp_http_res
 
 /* kp_api_audit.c: GET /api/audit (the audit trail, newest first, with filters) */
 int kp_api_audit_list(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+
+/* kp_api_worklist.c: GET /api/worklist (study.read, site-scoped like QIDO; report fields with
+ * report.read) and GET /api/system/status (system.configure: broker queues and workers, outbox
+ * jobs per type and state). */
+int kp_api_worklist(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+int kp_api_system_status(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
+void kp_api_worklist_shutdown(void);
 
 /* kp_api_admin.c: users (user.manage), roles and permissions (role.manage), sites (site.manage);
  * {name} is req->params[0] */
@@ -121,7 +130,8 @@ const char *kp_openapi_json(void);
 const char *kp_openapi_summary(const char *method, const char *pattern);
 void kp_openapi_free(void);
 
-/* kp_www.c: the login page (/app/login) and its script, from http.www_dir */
+/* kp_www.c: the web application (/app: sign-in page, index.html and its modules), from
+ * http.www_dir; unknown extension-less paths under /app answer index.html */
 int kp_www_init(const char *dir);
 int kp_api_www(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp);
 

@@ -562,6 +562,46 @@ int kp_api_me(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp
     return 0;
 }
 
+/* PUT /api/auth/me: what a user may change about her own account without an administrator,
+ * today the language of the interface and of new reports. A cookie-authenticated request passes
+ * the CSRF check first (main.c), like every other mutation. */
+int kp_api_me_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
+{
+    json_t *body = kp_http_json_body(req, resp);
+    if (!body) return 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(body, key, v)
+    {
+        if (strcmp(key, "language")) {
+            kp_http_error(resp, KP_EINVAL, 0, "only language can be changed here", key);
+            json_decref(body);
+            return 0;
+        }
+    }
+    const char *lang = s_str(body, "language");
+    if (!lang || !kp_api_language_ok(lang)) {
+        kp_http_error(resp, KP_EINVAL, 0, "language is one of en, ru, es, fr, de", lang);
+        json_decref(body);
+        return 0;
+    }
+    const char *p[] = {req->id.user, lang};
+    PGresult *r = NULL;
+    int rc = kp_db_exec(env->db, &r,
+                        "UPDATE users SET language = $2, updated_at = now() WHERE lower(username) "
+                        "= lower($1)",
+                        2, p);
+    json_decref(body);
+    if (rc) return rc;
+    bool found = atoi(PQcmdTuples(r)) == 1;
+    PQclear(r);
+    if (!found) {
+        kp_http_error(resp, KP_EUNAUTH, 0, "no such user any more", NULL);
+        return 0;
+    }
+    return kp_api_me(env, req, resp);
+}
+
 int kp_api_password(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     json_t *body = kp_http_json_body(req, resp);

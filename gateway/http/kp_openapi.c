@@ -55,6 +55,7 @@ static const struct {
     {"POST", "/api/auth/refresh", "New access token from the refresh token (rotated)"},
     {"POST", "/api/auth/logout", "Sign out: the session and its refresh tokens are revoked"},
     {"GET", "/api/auth/me", "The signed-in user, roles, sites and permissions"},
+    {"PUT", "/api/auth/me", "Change one's own settings: {\"language\"}"},
     {"POST", "/api/auth/password", "Change one's own password"},
     {"POST", "/api/auth/mfa/setup", "Start TOTP enrolment (otpauth URI and QR code)"},
     {"POST", "/api/auth/mfa/confirm", "Confirm TOTP enrolment with a code; recovery codes"},
@@ -93,6 +94,8 @@ static const struct {
     {"POST", "/api/routes/deliveries/{id}/retry", "Retry a pending or dead delivery now"},
     {"POST", "/api/routes/deliveries/retry", "Retry every dead delivery (state=dead)"},
     {"GET", "/api/audit", "The audit trail, newest first, with filters"},
+    {"GET", "/api/worklist", "Studies with their report status: filters, paging (site-scoped)"},
+    {"GET", "/api/system/status", "Broker queues and workers, outbox jobs per type and state"},
     {"GET", "/api/studies/{study}/reports", "The reports of a study"},
     {"POST", "/api/studies/{study}/reports", "Start a report (a draft)"},
     {"GET", "/api/reports", "Reports by study or status (worklist)"},
@@ -116,6 +119,8 @@ static const struct {
     {"GET", "/metrics", "Prometheus metrics (http.metrics_allow addresses only)"},
     {"GET", "/app/login", "The sign-in page"},
     {"GET", "/app/login.js", "The sign-in page's script"},
+    {"GET", "/app", "The web application (worklist, reports, administration, account)"},
+    {"GET", "/app/{file...}", "A file of the web application, or index.html for its routes"},
 };
 
 const char *kp_openapi_summary(const char *method, const char *pattern)

@@ -1227,6 +1227,7 @@ static const kp_route_t s_routes[] = {
     {"POST", "/api/auth/refresh", KP_PERM_PUBLIC, kp_api_refresh},
     {"POST", "/api/auth/logout", KP_PERM_AUTHENTICATED, kp_api_logout},
     {"GET", "/api/auth/me", KP_PERM_AUTHENTICATED, kp_api_me},
+    {"PUT", "/api/auth/me", KP_PERM_AUTHENTICATED, kp_api_me_update},
     {"POST", "/api/auth/password", KP_PERM_AUTHENTICATED, kp_api_password},
     {"POST", "/api/auth/mfa/setup", KP_PERM_AUTHENTICATED, kp_api_mfa_setup},
     {"POST", "/api/auth/mfa/confirm", KP_PERM_AUTHENTICATED, kp_api_mfa_confirm},
@@ -1269,6 +1270,9 @@ static const kp_route_t s_routes[] = {
     {"PUT", "/api/routes/{id}", "route.manage", kp_api_route_update},
     {"DELETE", "/api/routes/{id}", "route.manage", kp_api_route_delete},
     {"GET", "/api/audit", "audit.read", kp_api_audit_list},
+    /* the web application's worklist and queue/worker status (kp_api_worklist.c) */
+    {"GET", "/api/worklist", "study.read", kp_api_worklist},
+    {"GET", "/api/system/status", "system.configure", kp_api_system_status},
     /* doctors' reports (kp_api_reports.c; docs/reports.md) */
     {"GET", "/api/studies/{study}/reports", "report.read", kp_api_study_reports},
     {"POST", "/api/studies/{study}/reports", "report.write", kp_api_report_create},
@@ -1293,6 +1297,8 @@ static const kp_route_t s_routes[] = {
     {"GET", "/metrics", KP_PERM_PUBLIC, kp_api_metrics},
     {"GET", "/app/login", KP_PERM_PUBLIC, kp_api_www},
     {"GET", "/app/login.js", KP_PERM_PUBLIC, kp_api_www},
+    {"GET", "/app", KP_PERM_PUBLIC, kp_api_www},
+    {"GET", "/app/{file...}", KP_PERM_PUBLIC, kp_api_www},
 };
 #define S_NROUTES (sizeof s_routes / sizeof s_routes[0])
 
@@ -1472,6 +1478,23 @@ static int s_match(const char *pattern, const char *path, size_t pathlen,
                 if (qe && qe + 1 == end) ok = false;
             }
             if (!ok) return -1;
+            memcpy(rest, s, rl);
+            rest[rl] = 0;
+            return n;
+        }
+        if (pl == 9 && !memcmp(p, "{file...}", 9)) {
+            /* the rest of the path under /app: a file of the web application or a route of its
+             * router; [A-Za-z0-9_.-] segments, no dot first (no "..", no hidden files) */
+            size_t rl = (size_t)(end - s);
+            if (!rest || rl >= 256) return -1;
+            for (size_t k = 0; k < rl; k++) {
+                char c = s[k];
+                bool seg_start = k == 0 || s[k - 1] == '/';
+                if (seg_start && (c == '.' || c == '/')) return -1;
+                if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                      c == '_' || c == '-' || c == '.' || c == '/'))
+                    return -1;
+            }
             memcpy(rest, s, rl);
             rest[rl] = 0;
             return n;

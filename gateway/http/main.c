@@ -185,7 +185,8 @@ static void s_header(h2o_req_t *req, const char *name, const char *value)
 }
 
 /* Our own pages and the API get a strict policy: only this origin's scripts (no inline script,
- * no eval), styles of the page itself, no plugins, no framing, forms only to us. The OHIF viewer
+ * no eval), styles of the page itself, no plugins, no framing of our pages, forms only to us;
+ * our pages may frame blob: URLs (the report editor's PDF preview). The OHIF viewer
  * (and DICOMweb) get one that its bundle runs under - it needs WebAssembly, eval in some of its
  * codecs, workers from blob: URLs and its two inline start-up scripts - but that still confines
  * every request, image, font, worker and frame to this origin (an injected script can neither
@@ -193,8 +194,8 @@ static void s_header(h2o_req_t *req, const char *name, const char *value)
  * and allows framing by our own pages only. */
 #define S_CSP_APP                                                                                  \
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' "     \
-    "data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "          \
-    "frame-ancestors 'none'"
+    "data:; connect-src 'self'; frame-src 'self' blob:; object-src 'none'; base-uri 'none'; "      \
+    "form-action 'self'; frame-ancestors 'none'"
 #define S_CSP_VIEWER                                                                               \
     "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' 'wasm-unsafe-eval' "      \
     "blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; " \
@@ -1396,6 +1397,7 @@ out:
     kp_api_health_shutdown();
     kp_openapi_free();
     kp_api_reports_shutdown();
+    kp_api_worklist_shutdown();
     kp_ingest_destroy(&s_g.ing);
     kp_storage_destroy(&s_g.st);
     kp_dicom_shutdown();

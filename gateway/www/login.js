@@ -1,10 +1,27 @@
 // Klinika PACS sign-in page: password, then the second factor when the account has one, then a
 // forced password change when the account must; comes back to ?next= (a path on this server).
+// Texts come from the web application's catalogs (/app/i18n/<lang>.json): the language last used
+// in this browser, else the browser's own; English is in the page itself.
 'use strict';
 (function () {
   const $ = id => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   let next = params.get('next') || '/';
+  let texts = {};
+  const tr = (key, fallback) => texts[key] || fallback;
+  (function translate() {
+    const langs = ['en', 'ru', 'es', 'fr', 'de'];
+    const cands = [localStorage.getItem('kp.lang'), ...(navigator.languages || [])];
+    const lang = cands.map(c => String(c || '').slice(0, 2).toLowerCase())
+      .find(l => langs.includes(l)) || 'en';
+    document.documentElement.lang = lang;
+    if (lang === 'en') return;
+    fetch('/app/i18n/' + lang + '.json').then(r => (r.ok ? r.json() : {})).then(j => {
+      texts = j;
+      for (const el of document.querySelectorAll('[data-i18n]'))
+        if (j[el.dataset.i18n]) el.textContent = j[el.dataset.i18n];
+    }).catch(() => {});
+  })();
   // only a path on this origin: never //host or a scheme
   if (!next.startsWith('/') || next.startsWith('//') || next.startsWith('/\\')) next = '/';
 
@@ -48,23 +65,23 @@
     }
     if (r.json.error && r.json.error.code === 'mfa_required') {
       $('mfa').classList.remove('hidden');
-      if (code || rec) fail(r.json, 'wrong code'); else $('totp').focus();
+      if (code || rec) fail(r.json, tr('login.wrong_code', 'wrong code')); else $('totp').focus();
       return;
     }
-    fail(r.json, 'sign-in failed');
+    fail(r.json, tr('login.failed', 'sign-in failed'));
   });
   $('change').addEventListener('submit', async ev => {
     ev.preventDefault();
     if ($('newpw').value !== $('newpw2').value) {
-      $('error').textContent = 'the two passwords differ';
+      $('error').textContent = tr('login.passwords_differ', 'the two passwords differ');
       return;
     }
     const r = await post('/api/auth/password',
                          { current_password: password, new_password: $('newpw').value });
-    if (r.status !== 200) return fail(r.json, 'password not changed');
+    if (r.status !== 200) return fail(r.json, tr('login.not_changed', 'password not changed'));
     const t = await post('/api/auth/refresh');
     if (t.status === 200) return done();
-    fail(t.json, 'please sign in again');
+    fail(t.json, tr('login.again', 'please sign in again'));
   });
   // Already signed in (a valid refresh cookie)? Then go straight back.
   if (csrf()) post('/api/auth/refresh').then(r => {
