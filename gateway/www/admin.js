@@ -1,15 +1,17 @@
-// Administration (/app/admin/<tab>): users, roles, sites, modalities, routing rules and their
-// deliveries, the audit log with filters, and queue/worker status. Each tab shows only when the
-// user holds its permission (the server checks again). Routing rules come from another part of
-// the server (/api/routes); where it is not installed the tab says so.
+// Administration (/app/admin/<tab>): users and roles (create, edit), sites, modalities, report
+// templates, routing rules and their deliveries, the audit log with filters, and queue/worker
+// status. Each tab shows only when the user holds its permission (the server checks again).
+// Routing rules come from another part of the server (/api/routes); where it is not installed
+// the tab says so.
 import { t, formatDateTime, formatNumber, LANGUAGES } from './i18n.js';
 import { api, h, can, navigate, errorText, toast, ApiError } from './app.js';
 
 const TABS = [
   ['users', 'user.manage'], ['roles', 'role.manage'], ['sites', 'site.manage'],
-  ['modalities', 'system.configure'], ['routes', 'route.manage'],
+  ['modalities', 'system.configure'], ['templates', 'system.configure'], ['routes', 'route.manage'],
   ['audit', 'audit.read'], ['system', 'system.configure'],
 ];
+const SECTIONS = ['clinical_information', 'technique', 'findings', 'impression', 'recommendations'];
 
 const field = (id, label, el) => h('div.field', h('label', { for: id }, t(label)), el);
 const yes = v => (v ? t('admin.yes') : t('admin.no'));
@@ -27,10 +29,63 @@ function checks(name, items, selected = []) {
 }
 const checked = (form, name) => [...form.querySelectorAll(`input[name="${name}"]:checked`)].map(i => i.value);
 
+// An API refusal with the server's own reason: {"error": {"code", "message", "detail"}}.
+// A 409 here is a rule, not a race (e.g. "you cannot disable your own account"): its reason alone.
+function refusal(e) {
+  if (!(e instanceof ApiError) || !(e.body && e.body.error) || e.status >= 500) return errorText(e);
+  const why = e.message + (e.detail ? ` (${e.detail})` : '');
+  return e.status === 400 || e.status === 409 ? why : `${errorText(e)} ${why}`;
+}
+
 function guard(fn) {
   return async ev => {
     if (ev) ev.preventDefault();
-    try { await fn(ev); } catch (e) { toast(errorText(e), 'error'); }
+    try { await fn(ev); } catch (e) { toast(refusal(e), 'error'); }
+  };
+}
+
+// An edit form's outcome, shown in the form (role=status) and as a toast.
+function say(el, text, kind) {
+  el.textContent = text;
+  el.className = 'msg ' + (kind === 'error' ? 'error' : 'ok');
+  toast(text, kind);
+}
+
+// Saves an edit form: fn() does the request. A refusal is shown in the form; after a success
+// the tab is drawn again (fresh from the server) and the form of `name` (a value, or a function
+// giving it once saved) reopens saying so (`flash`).
+let flash = null;
+function saver(msg, tab, name, fn, refresh) {
+  return async ev => {
+    ev.preventDefault();
+    msg.textContent = '';
+    try { await fn(); } catch (e) { say(msg, refusal(e), 'error'); return; }
+    flash = { tab, name: typeof name === 'function' ? name() : name, text: t('admin.saved') };
+    await refresh();
+  };
+}
+function takeFlash(tab) {
+  const f = flash && flash.tab === tab ? flash : null;
+  if (f) flash = null;
+  return f;
+}
+
+const editButton = open => h('button.small.secondary', { type: 'button', dataset: { action: 'edit' },
+  on: { click: open } }, t('admin.edit'));
+const langSelect = (id, value) => {
+  const el = h('select', { id }, LANGUAGES.map(l => h('option', { value: l }, t('language.' + l))));
+  if (value) el.value = value;
+  return el;
+};
+const union = (a, b) => [...new Set([...a, ...(b || [])])];
+
+// Shows the edit form made by make(f) in holder; f is the success message to show, if any.
+function opener(holder, make) {
+  return f => {
+    holder.replaceChildren(make(f));
+    holder.scrollIntoView({ block: 'nearest' });
+    const first = holder.querySelector('input:not([disabled]), textarea, select');
+    if (first && !f) first.focus();
   };
 }
 
@@ -41,12 +96,14 @@ async function users(box, refresh) {
     can('site.manage') ? api('GET', '/api/sites') : { sites: [] }]);
   const roleNames = r.roles.length ? r.roles.map(x => x.name) : ['admin', 'doctor', 'operator'];
   const siteNames = s.sites.length ? s.sites.map(x => x.name) : ['default'];
+  const editBox = h('div#ad-user-edit-box');
+  const edit = x => opener(editBox, f => userEditForm(x, roleNames, siteNames, refresh, f));
   const rows = u.users.map(x => h('tr', { dataset: { user: x.username } },
     h('td', x.username), h('td', x.display_name || ''), h('td', (x.roles || []).join(', ')),
     h('td', (x.sites || []).join(', ')), h('td', t('language.' + x.language)),
     h('td', t('user_state.' + x.state)), h('td', yes(x.mfa_enrolled)),
     h('td', formatDateTime(x.last_login_at)),
-    h('td.actions',
+    h('td.actions', editButton(() => edit(x)()),
       x.locked ? h('button.small.secondary', { type: 'button', on: { click: guard(async () => {
         await api('POST', `/api/users/${x.username}/unlock`); refresh(); }) } }, t('admin.unlock')) : null,
       h('button.small.secondary', { type: 'button', on: { click: guard(async () => {
@@ -56,7 +113,7 @@ async function users(box, refresh) {
         const j = await api('POST', `/api/users/${x.username}/password`, {});
         toast(t('admin.temp_password', { password: j.password || '' }));
       }) } }, t('admin.reset_password')))));
-  const lang = h('select#ad-u-language', LANGUAGES.map(l => h('option', { value: l }, t('language.' + l))));
+  const lang = langSelect('ad-u-language');
   const form = h('form.card.inline#ad-user-form',
     h('h2', t('admin.new_user')),
     field('ad-u-username', 'admin.username', h('input#ad-u-username', { name: 'username', required: true })),
@@ -81,17 +138,51 @@ async function users(box, refresh) {
   }));
   box.append(table(['admin.username', 'admin.display_name', 'admin.roles', 'admin.sites',
                     'admin.language', 'admin.state', 'admin.mfa', 'admin.last_login', 'admin.actions'],
-                   rows, 'ad-users'), form);
+                   rows, 'ad-users'), editBox, form);
+  const f = takeFlash('users');
+  const again = f && u.users.find(x => x.username === f.name);
+  if (again) edit(again)(f);
+}
+
+// The edit form of an existing user: PUT /api/users/{name} with every field of the form (roles
+// and sites replace the user's; the sessions of a user whose roles, sites or state change end).
+function userEditForm(x, roleNames, siteNames, refresh, f) {
+  const msg = h('p.msg#ad-ue-msg', { role: 'status' });
+  const lang = langSelect('ad-ue-language', x.language);
+  const form = h('form.card.inline#ad-user-edit', { dataset: { user: x.username } },
+    h('h2', t('admin.edit_user', { name: x.username })),
+    field('ad-ue-display', 'admin.display_name', h('input#ad-ue-display', { name: 'display_name', value: x.display_name || '' })),
+    field('ad-ue-email', 'admin.email', h('input#ad-ue-email', { name: 'email', type: 'email', value: x.email || '' })),
+    field('ad-ue-language', 'admin.language', lang),
+    h('fieldset', h('legend', t('admin.roles')),
+      checks('ue-roles', union(roleNames, x.roles).map(n => [n, n]), x.roles || [])),
+    h('fieldset', h('legend', t('admin.sites')),
+      checks('ue-sites', union(siteNames, x.sites).map(n => [n, n]), x.sites || [])),
+    h('label.check', h('input#ad-ue-disabled', { type: 'checkbox', name: 'disabled', checked: !!x.disabled }),
+      ' ', t('admin.account_disabled')),
+    msg,
+    h('div.buttons', h('button#ad-ue-save', { type: 'submit' }, t('admin.save')),
+      h('button.secondary#ad-ue-cancel', { type: 'button', on: { click: () => form.remove() } }, t('admin.close'))));
+  if (f) say(msg, f.text, 'ok');
+  form.addEventListener('submit', saver(msg, 'users', x.username, () =>
+    api('PUT', `/api/users/${encodeURIComponent(x.username)}`, {
+      display_name: form.display_name.value.trim(), email: form.email.value.trim(), language: lang.value,
+      roles: checked(form, 'ue-roles'), sites: checked(form, 'ue-sites'), disabled: form.disabled.checked,
+    }), refresh));
+  return form;
 }
 
 // ---- roles ----------------------------------------------------------------------------------
 async function roles(box, refresh) {
   const [r, p] = await Promise.all([api('GET', '/api/roles'), api('GET', '/api/permissions')]);
+  const editBox = h('div#ad-role-edit-box');
+  const edit = x => opener(editBox, f => roleEditForm(x, p.permissions, refresh, f));
   const rows = r.roles.map(x => h('tr', { dataset: { role: x.name } },
     h('td', x.name), h('td', x.description || ''), h('td.small', (x.permissions || []).join(', ')),
     h('td', yes(x.builtin)), h('td', yes(x.require_mfa)), h('td.num', x.users ?? ''),
-    h('td.actions', x.builtin ? null : h('button.small.secondary', { type: 'button', on: { click: guard(async () => {
-      await api('DELETE', `/api/roles/${x.name}`); refresh(); }) } }, t('admin.delete')))));
+    h('td.actions', editButton(() => edit(x)()),
+      x.builtin ? null : h('button.small.secondary', { type: 'button', on: { click: guard(async () => {
+        await api('DELETE', `/api/roles/${x.name}`); refresh(); }) } }, t('admin.delete')))));
   const form = h('form.card.inline#ad-role-form',
     h('h2', t('admin.new_role')),
     field('ad-r-name', 'admin.name', h('input#ad-r-name', { name: 'name', required: true, pattern: '[a-z][a-z0-9_.\\-]*' })),
@@ -108,7 +199,37 @@ async function roles(box, refresh) {
     refresh();
   }));
   box.append(table(['admin.name', 'admin.description', 'admin.permissions', 'admin.builtin',
-                    'admin.require_mfa', 'admin.users', 'admin.actions'], rows, 'ad-roles'), form);
+                    'admin.require_mfa', 'admin.users', 'admin.actions'], rows, 'ad-roles'), editBox, form);
+  const f = takeFlash('roles');
+  const again = f && r.roles.find(x => x.name === f.name);
+  if (again) edit(again)(f);
+}
+
+// The edit form of a role: PUT /api/roles/{name}. A built-in role keeps its permissions and
+// description (the server refuses a change): they are shown read-only, only "requires 2FA" changes.
+function roleEditForm(x, perms, refresh, f) {
+  const msg = h('p.msg#ad-re-msg', { role: 'status' });
+  const ro = !!x.builtin;
+  const list = checks('re-permissions', perms.map(p => [p.name, `${p.name} — ${p.description}`]), x.permissions || []);
+  if (ro) for (const i of list.querySelectorAll('input')) i.disabled = true;
+  const form = h('form.card.inline#ad-role-edit', { dataset: { role: x.name } },
+    h('h2', t('admin.edit_role', { name: x.name })),
+    ro ? h('p.notice#ad-re-builtin', t('admin.builtin_readonly')) : null,
+    field('ad-re-description', 'admin.description',
+      h('input#ad-re-description', { name: 'description', value: x.description || '', disabled: ro })),
+    h('fieldset', h('legend', t('admin.permissions')), list),
+    h('label.check', h('input#ad-re-mfa', { type: 'checkbox', name: 'require_mfa', checked: !!x.require_mfa }),
+      ' ', t('admin.require_mfa')),
+    msg,
+    h('div.buttons', h('button#ad-re-save', { type: 'submit' }, t('admin.save')),
+      h('button.secondary', { type: 'button', on: { click: () => form.remove() } }, t('admin.close'))));
+  if (f) say(msg, f.text, 'ok');
+  form.addEventListener('submit', saver(msg, 'roles', x.name, () =>
+    api('PUT', `/api/roles/${encodeURIComponent(x.name)}`, ro ? { require_mfa: form.require_mfa.checked } : {
+      description: form.description.value, permissions: checked(form, 're-permissions'),
+      require_mfa: form.require_mfa.checked,
+    }), refresh));
+  return form;
 }
 
 // ---- sites ----------------------------------------------------------------------------------
@@ -161,6 +282,60 @@ async function modalities(box, refresh) {
   }));
   box.append(table(['admin.ae_title', 'admin.host', 'admin.port', 'admin.description', 'admin.site',
                     'admin.allowed', 'admin.tls', 'admin.actions'], rows, 'ad-modalities'), form);
+}
+
+// ---- report templates -----------------------------------------------------------------------
+// The templates the report editor offers (GET /api/report-templates): name, language, modality
+// and body part ("" for any), and the starting text of the five sections.
+async function templates(box, refresh) {
+  const r = await api('GET', '/api/report-templates');
+  const list = r.templates || [];
+  const editBox = h('div#ad-tpl-edit-box');
+  const edit = x => opener(editBox, f => templateForm(x, refresh, f));
+  const rows = list.map(x => h('tr', { dataset: { template: x.id } },
+    h('td', x.name), h('td', t('language.' + x.language)), h('td', x.modality || t('admin.any')),
+    h('td', x.body_part || t('admin.any')), h('td', formatDateTime(x.updated_at || x.created_at)),
+    h('td.actions', editButton(() => edit(x)()),
+      h('button.small.secondary', { type: 'button', dataset: { action: 'delete' }, on: { click: guard(async () => {
+        await api('DELETE', `/api/report-templates/${x.id}`); toast(t('admin.deleted')); refresh(); }) } },
+        t('admin.delete')))));
+  box.append(table(['admin.name', 'admin.language', 'admin.modality', 'admin.body_part', 'admin.updated_at',
+                    'admin.actions'], rows, 'ad-templates'),
+             h('div.buttons', h('button#ad-tpl-new', { type: 'button', on: { click: () => edit(null)() } },
+               t('admin.new_template'))),
+             editBox);
+  const f = takeFlash('templates');
+  const again = f && list.find(x => x.id === f.name);
+  if (again) edit(again)(f);
+}
+
+function templateForm(x, refresh, f) {
+  const msg = h('p.msg#ad-tpl-msg', { role: 'status' });
+  const lang = langSelect('ad-tpl-language', x ? x.language : undefined);
+  const code = { pattern: '[A-Za-z0-9 _]{0,16}', maxLength: 16, placeholder: t('admin.any') };
+  const areas = Object.fromEntries(SECTIONS.map(k => [k, h('textarea', { id: 'ad-tpl-' + k, name: k, rows: 2,
+    value: (x && x.sections && x.sections[k]) || '' })]));
+  const form = h('form.card.inline#ad-tpl-form', { dataset: { template: x ? x.id : '' } },
+    h('h2', x ? t('admin.edit_template', { name: x.name }) : t('admin.new_template')),
+    h('div.grid4',
+      field('ad-tpl-name', 'admin.name', h('input#ad-tpl-name', { name: 'name', required: true, maxLength: 200, value: x ? x.name : '' })),
+      field('ad-tpl-language', 'admin.language', lang),
+      field('ad-tpl-modality', 'admin.modality', h('input#ad-tpl-modality', { name: 'modality', ...code, value: x ? x.modality : '' })),
+      field('ad-tpl-body', 'admin.body_part', h('input#ad-tpl-body', { name: 'body_part', ...code, value: x ? x.body_part : '' }))),
+    SECTIONS.map(k => h('div.section', h('label', { for: 'ad-tpl-' + k }, t('section.' + k)), areas[k])),
+    msg,
+    h('div.buttons', h('button#ad-tpl-save', { type: 'submit' }, x ? t('admin.save') : t('admin.create')),
+      h('button.secondary', { type: 'button', on: { click: () => form.remove() } }, t('admin.close'))));
+  if (f) say(msg, f.text, 'ok');
+  let id = x && x.id;
+  form.addEventListener('submit', saver(msg, 'templates', () => id, async () => {
+    const body = { name: form.elements.name.value.trim(), language: lang.value,
+      modality: form.modality.value.trim().toUpperCase(), body_part: form.body_part.value.trim().toUpperCase(),
+      sections: Object.fromEntries(SECTIONS.map(k => [k, areas[k].value])) };
+    const j = id ? await api('PUT', `/api/report-templates/${id}`, body) : await api('POST', '/api/report-templates', body);
+    id = (j && j.id) || id;
+  }, refresh));
+  return form;
 }
 
 // ---- routing rules and deliveries -----------------------------------------------------------
@@ -270,7 +445,7 @@ async function system(box, refresh) {
     h('h2', t('system.jobs')), table(['system.type', 'system.state', 'system.count', 'system.oldest'], jobs, 'ad-jobs'));
 }
 
-const SCREENS = { users, roles, sites, modalities, routes, audit, system };
+const SCREENS = { users, roles, sites, modalities, templates, routes, audit, system };
 
 export async function render(view, { match, query }) {
   const allowed = TABS.filter(([, perm]) => can(perm));

@@ -1,13 +1,16 @@
 // The web application (/app) in Debian's headless chromium (playwright-core):
 //   node app_ui.js SPEC.json
 // SPEC: {base, playwright, chromium, shots, doctor, operator, admin ({user, password}),
-//        study: {uid, family}, otherFamily, en, ru (the catalogs), newUser, newRole, password}
+//        study: {uid, family}, otherFamily, en, ru (the catalogs), newUser, newRole, newSite,
+//        password, mrUid (a study without a report), template: {name, technique, findings}}
 // Steps (each records its findings in the output object; a failed step stops the run):
 //   doctor: sign-in page (redirected from /app/worklist), worklist filters, a report in Russian
 //   (autosave survives a reload), sign, PDF (render, preview, download), amend + history diff,
 //   language switch (every visible label changes; OHIF follows), OHIF's Report column and
-//   header link; operator: no report editor; admin: every admin screen, a custom role and a new
-//   user who then signs in and enrols a second factor (QR code); the worklist on a tablet.
+//   header link; operator: no report editor; admin: every admin screen, a custom role (made,
+//   then edited; a built-in one read-only) and a new user (made, then edited: roles and sites)
+//   who then signs in and enrols a second factor (QR code); a report template made in the
+//   Templates tab, which the doctor then picks for a new report; the worklist on a tablet.
 // Prints one JSON object on the last line.
 'use strict';
 const fs = require('fs');
@@ -296,6 +299,20 @@ async function step(name, fn) {
       await ad.waitForSelector(`#ad-roles tr[data-role="${spec.newRole}"]`);
       rec.role = await ad.locator(`#ad-roles tr[data-role="${spec.newRole}"]`).innerText();
       await shot(ad, 'admin-roles');
+      // edit the custom role: one more permission, another description
+      await ad.click(`#ad-roles tr[data-role="${spec.newRole}"] button[data-action=edit]`);
+      await ad.waitForSelector(`#ad-role-edit[data-role="${spec.newRole}"]`);
+      await ad.fill('#ad-re-description', 'Reads studies and reports, exports PDFs');
+      await ad.check('#ad-re-permissions input[value="report.export"]');
+      await ad.click('#ad-re-save');
+      await ad.waitForSelector('#ad-re-msg.ok');
+      rec.roleSaved = await ad.locator('#ad-re-msg').innerText();
+      rec.roleEdited = await ad.locator(`#ad-roles tr[data-role="${spec.newRole}"]`).innerText();
+      // a built-in role opens read-only (only "requires 2FA" may change)
+      await ad.click('#ad-roles tr[data-role="doctor"] button[data-action=edit]');
+      await ad.waitForSelector('#ad-role-edit[data-role="doctor"]');
+      rec.builtinNotice = await ad.locator('#ad-re-builtin').count();
+      rec.builtinEditable = await ad.locator('#ad-re-permissions input:not([disabled]), #ad-re-description:not([disabled])').count();
       await ad.click('#tab-users');
       await ad.waitForSelector('#ad-user-form');
       await ad.fill('#ad-u-username', spec.newUser);
@@ -308,6 +325,55 @@ async function step(name, fn) {
       await ad.waitForSelector(`#ad-users tr[data-user="${spec.newUser}"]`);
       rec.user = await ad.locator(`#ad-users tr[data-user="${spec.newUser}"]`).innerText();
       await shot(ad, 'admin-users');
+      // edit the new user: another name and e-mail, one more role and one more site
+      await ad.click(`#ad-users tr[data-user="${spec.newUser}"] button[data-action=edit]`);
+      await ad.waitForSelector(`#ad-user-edit[data-user="${spec.newUser}"]`);
+      await ad.fill('#ad-ue-display', 'Dr. Nina Neu-Meier');
+      await ad.fill('#ad-ue-email', 'nina.neu@example.org');
+      await ad.check('#ad-ue-roles input[value="operator"]');
+      await ad.check(`#ad-ue-sites input[value="${spec.newSite}"]`);
+      await ad.click('#ad-ue-save');
+      await ad.waitForSelector('#ad-ue-msg.ok');
+      rec.userSaved = await ad.locator('#ad-ue-msg').innerText();
+      rec.userEdited = await ad.locator(`#ad-users tr[data-user="${spec.newUser}"]`).innerText();
+      await shot(ad, 'admin-user-edit');
+      // a refusal says why: the administrator cannot disable their own account
+      await ad.click(`#ad-users tr[data-user="${spec.admin.user}"] button[data-action=edit]`);
+      await ad.waitForSelector(`#ad-user-edit[data-user="${spec.admin.user}"]`);
+      await ad.check('#ad-ue-disabled');
+      await ad.click('#ad-ue-save');
+      await ad.waitForSelector('#ad-ue-msg.error');
+      rec.selfDisable = await ad.locator('#ad-ue-msg').innerText();
+      // report templates: one made with the form, then changed; another made and deleted
+      const saved = async () => {  // the form reopens, fresh from the server, saying "saved"
+        await ad.evaluate(() => { document.querySelector('#ad-tpl-form').dataset.old = '1'; });
+        await ad.click('#ad-tpl-save');
+        await ad.waitForSelector('#ad-tpl-form:not([data-old]) #ad-tpl-msg.ok');
+      };
+      await ad.click('#tab-templates');
+      await ad.waitForSelector('#ad-tpl-new');
+      await ad.click('#ad-tpl-new');
+      await ad.fill('#ad-tpl-name', spec.template.name);
+      await ad.selectOption('#ad-tpl-language', 'en');
+      await ad.fill('#ad-tpl-modality', 'mr');
+      await ad.fill('#ad-tpl-technique', spec.template.technique);
+      await saved();
+      await ad.fill('#ad-tpl-findings', spec.template.findings);
+      await saved();
+      rec.templateSaved = await ad.locator('#ad-tpl-msg').innerText();
+      await ad.click('#ad-tpl-new');
+      await ad.fill('#ad-tpl-name', 'Throwaway');
+      await saved();
+      await ad.locator('#ad-templates tr', { hasText: 'Throwaway' }).locator('button[data-action=delete]').click();
+      await ad.waitForFunction(() => {
+        const list = document.querySelector('#ad-templates');  // absent while the tab redraws
+        return list && !/Throwaway/.test(list.innerText);
+      });
+      rec.templateRows = await ad.locator('#ad-templates tbody').innerText();
+      await ad.locator('#ad-templates tr', { hasText: spec.template.name }).locator('button[data-action=edit]').click();
+      await ad.waitForSelector('#ad-tpl-findings');
+      await ad.evaluate(() => window.scrollTo(0, 0));
+      await shot(ad, 'admin-templates');
       for (const tab of ['sites', 'modalities', 'routes', 'audit', 'system']) {
         await ad.click('#tab-' + tab);
         await ad.waitForFunction(t => location.pathname.endsWith('/' + t), tab);
@@ -391,6 +457,22 @@ async function step(name, fn) {
       await nu.waitForSelector('#ac-recovery li');
       rec.recoveryCodes = await nu.locator('#ac-recovery li').count();
       await nu.context().close();
+    });
+
+    // ---- the doctor picks the administrator's template for the study without a report ---
+    await step('template', async rec => {
+      const dr = await newPage(browser);
+      await login(dr, spec.doctor, `/app/studies/${spec.mrUid}/report`);
+      await dr.waitForFunction(n => [...document.querySelectorAll('#rp-template option')]
+        .some(o => o.textContent.includes(n)), spec.template.name);
+      rec.options = await dr.locator('#rp-template option').allTextContents();
+      const value = await dr.locator('#rp-template option', { hasText: spec.template.name }).getAttribute('value');
+      await dr.selectOption('#rp-template', value);
+      await Promise.all([dr.waitForURL(/\/app\/reports\/\d+$/), dr.click('#rp-create')]);
+      await dr.waitForSelector('#rp-findings');
+      rec.technique = await dr.locator('#rp-technique').inputValue();
+      rec.findings = await dr.locator('#rp-findings').inputValue();
+      await dr.context().close();
     });
   } catch (e) {
     out.error = String(e && e.stack || e).slice(0, 1500);

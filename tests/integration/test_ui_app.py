@@ -3,9 +3,12 @@ app_ui.js): a doctor signs in, filters the worklist, writes a report in Russian 
 survives a reload, signs it, gets the PDF (preview and download), amends it and compares the
 versions; switching the language changes every visible label and OHIF follows (its study list
 in Russian, with a Report column leading back to the report); an operator sees no report
-editor; an administrator creates a custom role and a user, who then signs in (in the language
-the administrator chose) and enrols a second factor with the QR code; the worklist and the
-editor fit a tablet. Screenshots of each screen go to the test's output directory, and one of
+editor; an administrator creates a custom role and a user, edits both (the role's permissions;
+the user's roles, sites, name and e-mail, as the database shows; a built-in role is read-only;
+a refusal shows the server's reason), and the user then signs in (in the language the
+administrator chose) and enrols a second factor with the QR code; a report template made in the
+Templates tab is offered to the doctor and starts a report; the worklist and the editor fit a
+tablet. Screenshots of each screen go to the test's output directory, and one of
 each to docs/screenshots/. Also: the files and fallbacks of /app, without a browser."""
 import json
 import os
@@ -27,7 +30,8 @@ DOCS_SHOTS = os.path.join(kp.REPO, "docs", "screenshots")
 # one screenshot per screen goes into the documentation
 DOC_SCREENS = ("login", "worklist", "report", "report-history", "worklist-ru", "worklist-tablet",
                "ohif-study-list-ru", "admin-users", "admin-roles", "admin-sites",
-               "admin-modalities", "admin-routes", "admin-audit", "admin-system", "account")
+               "admin-modalities", "admin-routes", "admin-audit", "admin-system", "account",
+               "admin-user-edit", "admin-templates")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,13 @@ def test_the_web_application_in_a_browser(gw, tmp_path):
             "russianFindings": "Очаговых изменений не выявлено.\n- желудочки не расширены",
             "russianImpression": "Норма.",
             "en": cat["en"], "ru": cat["ru"], "newUser": "nneu", "newRole": "reader",
-            "password": "Neu-Nutzerin-Pass-77"}
+            "password": "Neu-Nutzerin-Pass-77", "newSite": "north",
+            "mrUid": pydicom.dcmread(MR, stop_before_pixels=True).StudyInstanceUID,
+            "template": {"name": "MR spine (UI test)", "technique": "Sagittal T1 and T2, axial T2.",
+                         "findings": "Vertebral bodies of normal height."}}
+    st, _, b = gw.https("POST", "/api/sites", headers={"Content-Type": "application/json"},
+                        body=json.dumps({"name": "north", "description": "North wing"}))
+    assert st == 201, b
     spec["routeAe"] = "ARCHIVE"  # the routing rule's destination, registered first
     gw.pacsctl("ae", "add", "ARCHIVE", "--host", "127.0.0.1", "--port", "104")
     path = tmp_path / "spec.json"
@@ -171,14 +181,42 @@ def test_the_web_application_in_a_browser(gw, tmp_path):
     assert '"ARCHIVE"' in rule[0][3] and '"Modality"' in rule[0][2], rule
     assert ad["workers"] >= 1 and ad["busOk"] == 1
     assert "report.sign" in ad["auditSign"] and "drapp" in ad["auditSign"]
+    # the role's edit form: one more permission and a new description, stored
+    assert ad["roleSaved"] == cat["en"]["admin.saved"] and "report.export" in ad["roleEdited"], ad
     assert gw.sql("SELECT array_agg(permission ORDER BY permission) FROM role_permissions "
-                  "WHERE role = 'reader'") == [(["report.read", "study.read"],)]
+                  "WHERE role = 'reader'") == [(["report.export", "report.read", "study.read"],)]
+    assert gw.sql("SELECT description FROM roles WHERE name = 'reader'") == \
+        [("Reads studies and reports, exports PDFs",)]
+    assert ad["builtinNotice"] == 1 and ad["builtinEditable"] == 0, ad  # built-in: read-only
+    # the user's edit form: roles, sites, name and e-mail changed, as the database shows
+    assert ad["userSaved"] == cat["en"]["admin.saved"], ad
+    assert "operator" in ad["userEdited"] and "north" in ad["userEdited"], ad
+    assert gw.sql("SELECT display_name, email, array(SELECT role FROM user_roles WHERE user_id = "
+                  "u.id ORDER BY role), array(SELECT s.name FROM user_sites us JOIN sites s ON "
+                  "s.id = us.site_id WHERE us.user_id = u.id ORDER BY s.name) FROM users u "
+                  "WHERE username = 'nneu'") == \
+        [("Dr. Nina Neu-Meier", "nina.neu@example.org", ["operator", "reader"], ["default", "north"])]
+    # a refusal shows the server's reason, and nothing changed
+    assert "you cannot disable your own account" in ad["selfDisable"], ad
+    assert gw.sql("SELECT disabled FROM users WHERE username = %s", (gw.ADMIN,)) == [(False,)]
+    # the template made and changed in the Templates tab; the other one deleted
+    tpl = spec["template"]
+    assert ad["templateSaved"] == cat["en"]["admin.saved"] and tpl["name"] in ad["templateRows"]
+    assert gw.sql("SELECT language, modality, body_part, sections->>'technique', "
+                  "sections->>'findings' FROM report_templates WHERE name = %s", (tpl["name"],)) \
+        == [("en", "MR", "", tpl["technique"], tpl["findings"])]
+    assert gw.sql("SELECT count(*) FROM report_templates WHERE name = 'Throwaway'") == [(0,)]
 
     nu = s["newuser"]
     assert nu["lang"] == "de" and nu["title"] == "Arbeitsliste" and nu["rows"] == 2
     assert nu["writeLinks"] == 1  # opens the existing report; no "write report" without report.write
     assert nu["qrLoaded"] and nu["recoveryCodes"] == 10 and not nu["strayText"]
     assert gw.sql("SELECT totp_secret IS NOT NULL FROM users WHERE username = 'nneu'") == [(True,)]
+
+    # the doctor's report editor offers it, and a report started from it has its text
+    pick = s["template"]
+    assert any(tpl["name"] in o for o in pick["options"]), pick
+    assert pick["technique"] == tpl["technique"] and pick["findings"] == tpl["findings"], pick
 
     errors = [c for c in out["console"] if "favicon" not in c and "401" not in c]
     assert not [c for c in errors if "pageerror" in c or "Content Security Policy" in c], errors
