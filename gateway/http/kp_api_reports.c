@@ -951,7 +951,8 @@ int kp_api_report_pdf_request(kp_http_env_t *env, const kp_http_req_t *req, kp_h
     r = NULL;
     char lease[24];
     snprintf(lease, sizeof lease, "%ld", env->cfg->jobs_lease);
-    const char *pp[] = {vid, req->id.user, lease};
+    /* the request id travels with the job into the reporter's log lines (rid=...) */
+    const char *pp[] = {vid, req->id.user, lease, req->request_id};
     /* A pending render of this version whose job is still alive is reused; otherwise one
      * statement makes the report_pdfs row and its outbox job (ids drawn first, so each refers
      * to the other). */
@@ -963,11 +964,12 @@ int kp_api_report_pdf_request(kp_http_env_t *env, const kp_http_req_t *req, kp_h
              "AS pid, nextval('jobs_id_seq') AS jid WHERE NOT EXISTS (SELECT 1 FROM old)), p AS "
              "(INSERT INTO report_pdfs (id, version_id, job_id, requested_by) SELECT pid, "
              "$1::bigint, jid, $2 FROM ids), j AS (INSERT INTO jobs (id, type, payload, "
-             "lease_until) SELECT jid, '" S_PDF_JOB "', jsonb_build_object('pdf_id', pid), now() "
+             "lease_until) SELECT jid, '" S_PDF_JOB "', jsonb_strip_nulls(jsonb_build_object("
+             "'pdf_id', pid, 'rid', nullif($4, ''))), now() "
              "+ make_interval(secs => $3::int) FROM ids RETURNING id, payload::text) SELECT "
              "pid, jid, true, (SELECT payload FROM j) FROM ids UNION ALL SELECT id, job_id, "
              "false, NULL FROM old",
-             3, pp)))
+             4, pp)))
         goto out;
     if (PQntuples(r) != 1) {
         rc = KP_EDB;

@@ -139,3 +139,61 @@ def test_backup_wipe_restore(gw, cluster, tmp_path):
     r = pacsctl(dict(env, KP_BACKUP_KEY_FILE=other), "backup", "verify", snap2, check=False)
     assert r.returncode == 1 and "another key" in r.stdout
     shutil.rmtree(renv["KP_STORAGE_ROOT"], ignore_errors=True)
+
+
+def test_prune_keeps_the_newest_and_what_they_need(gw, tmp_path):
+    """prune --keep 1: older snapshots go, and so do the objects only they referred to; the kept
+    snapshot still verifies completely (nothing it needs was removed)."""
+    env = dict(gw.env)
+    key = str(tmp_path / "backup.key")
+    pacsctl(env, "backup", "keygen", key)
+    env["KP_BACKUP_KEY_FILE"] = key
+    dest = str(tmp_path / "backups")
+    first = snapshot_of(pacsctl(env, "backup", dest).stdout)
+    objs_first = set(glob.glob(os.path.join(dest, "objects", "*", "*")))
+    # a file in storage that only the first snapshot has: removed before the second backup
+    root = gw.env["KP_STORAGE_ROOT"]
+    extra = os.path.join(root, "zz", "extra-only-in-first.bin")
+    os.makedirs(os.path.dirname(extra), exist_ok=True)
+    open(extra, "wb").write(os.urandom(4096))
+    try:
+        second = snapshot_of(pacsctl(env, "backup", dest).stdout)
+    finally:
+        os.unlink(extra)
+    third = snapshot_of(pacsctl(env, "backup", dest).stdout)
+    assert len({first, second, third}) == 3
+    assert len(glob.glob(os.path.join(dest, "objects", "*", "*"))) == len(objs_first) + 1
+    r = pacsctl(env, "backup", "prune", dest, "--keep", "1")
+    assert "2 snapshot(s) and 1 object(s) removed, 1 snapshot(s) kept" in r.stdout, r.stdout
+    assert not os.path.exists(first) and not os.path.exists(second) and os.path.isdir(third)
+    assert set(glob.glob(os.path.join(dest, "objects", "*", "*"))) == objs_first
+    pacsctl(env, "backup", "verify", "--no-scratch", third)
+    # --keep is required and at least 1
+    assert pacsctl(env, "backup", "prune", dest, check=False).returncode == 2
+    assert pacsctl(env, "backup", "prune", dest, "--keep", "0", check=False).returncode == 2
+
+
+def test_schedule_prints_units_systemd_accepts(gw, tmp_path):
+    key = str(tmp_path / "backup.key")
+    pacsctl(gw.env, "backup", "keygen", key)
+    r = pacsctl(dict(gw.env, KP_BACKUP_KEY_FILE=key), "backup", "schedule", str(tmp_path),
+                "--at", "01:15")
+    blocks = r.stdout.split("\n[Unit]")
+    service, timer = "[Unit]" + blocks[1], "[Unit]" + blocks[2].split("\n# crontab")[0]
+    assert f"backup {tmp_path} --key {key}" in service and "audit verify --textfile" in service
+    assert "OnCalendar=*-*-* 01:15:00" in timer
+    cron = r.stdout.strip().splitlines()[-1]
+    assert cron.startswith("15 1 * * * /usr/bin/pacsctl") and "prune" in cron
+    if shutil.which("systemd-analyze"):
+        d = tmp_path / "units"
+        d.mkdir()
+        (d / "klinika-backup.service").write_text(service)
+        (d / "klinika-backup.timer").write_text(timer)
+        v = subprocess.run(["systemd-analyze", "verify", "--man=no", str(d / "klinika-backup.timer"),
+                            str(d / "klinika-backup.service")], capture_output=True, text=True,
+                           timeout=60)
+        errors = [l for l in v.stderr.splitlines()
+                  if "klinika-backup" in l and "/usr/bin/pacsctl" not in l]
+        assert not errors, v.stderr
+    assert pacsctl(gw.env, "backup", "schedule", str(tmp_path), "--at", "25:00",
+                   check=False).returncode == 2

@@ -353,9 +353,12 @@ def test_through_the_reports_api(rs):
                            {"Content-Type": "application/json"},
                            json.dumps({"lock_version": rep["lock_version"]}))
     assert st == 200, body[:300]
-    st, h, body = rs.https("POST", f"/api/reports/{rep['id']}/pdf")
+    st, h, body = rs.https("POST", f"/api/reports/{rep['id']}/pdf", {"X-Request-Id": "pdf-req-9"})
     assert st == 202, body[:300]
     pdf_id = json.loads(body)["pdf_id"]
+    # the request id rides the job into the reporter's log lines
+    assert rs.sql("SELECT payload->>'rid' FROM jobs WHERE id = %s",
+                  (json.loads(body)["job_id"],)) == [("pdf-req-9",)]
 
     def done():
         st, h, b = rs.https("GET", f"/api/report-pdfs/{pdf_id}")
@@ -372,3 +375,4 @@ def test_through_the_reports_api(rs):
     assert "Подписано электронной подписью" in text
     kp.wait_for(lambda: any(r[0] == j["sop_uid"] for r in doc_instances(rs)), 30,
                 "the instance to be indexed")
+    assert "rid=pdf-req-9]" in rs.log("pacs-reporter#0"), rs.log("pacs-reporter#0")[-2000:]

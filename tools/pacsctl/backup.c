@@ -6,8 +6,12 @@
  *                                       every object decrypts and matches the manifest, and
  *                                       the dump restores into a scratch PostgreSQL cluster
  *                                       with the manifest's row counts
- *   pacsctl restore DIR/snapshots/ID    into an empty installation (a database without schema)
- * The key is backup.key_file (or --key FILE).
+ *   pacsctl backup prune DIR --keep N   removes all but the newest N snapshots, then every object
+ *                                       no remaining snapshot refers to
+ *   pacsctl backup schedule DIR [--at HH:MM]   prints a systemd timer + service and a crontab
+ *                                       line for a nightly backup and audit check (installs
+ * nothing) pacsctl restore DIR/snapshots/ID    into an empty installation (a database without
+ * schema) The key is backup.key_file (or --key FILE).
  *
  * Layout of DIR:
  *   objects/xx/<name>           one encrypted copy of each distinct stored file; <name> is
@@ -354,12 +358,19 @@ static int s_backup(const kp_config_t *cfg, const char *dir, const unsigned char
                 .tty = isatty(STDERR_FILENO)};
     json_t *counts = json_object(), *manifest = NULL;
     char snapid[32], snap[PATH_MAX], tmpsnap[PATH_MAX + 8], path[PATH_MAX + 32], dbsha[65] = "";
-    time_t now = time(NULL);
-    struct tm tm;
-    gmtime_r(&now, &tm);
-    strftime(snapid, sizeof snapid, "%Y%m%dT%H%M%SZ", &tm);
-    snprintf(snap, sizeof snap, "%s/snapshots/%s", dir, snapid);
-    snprintf(tmpsnap, sizeof tmpsnap, "%s.tmp", snap);
+    /* snapshots are named by the second they start in: a second backup within the same second
+     * waits for the next one */
+    for (int tries = 0;; tries++) {
+        time_t now = time(NULL);
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(snapid, sizeof snapid, "%Y%m%dT%H%M%SZ", &tm);
+        snprintf(snap, sizeof snap, "%s/snapshots/%s", dir, snapid);
+        snprintf(tmpsnap, sizeof tmpsnap, "%s.tmp", snap);
+        struct stat sb;
+        if ((stat(snap, &sb) && stat(tmpsnap, &sb)) || tries >= 3) break;
+        sleep(1);
+    }
     if (s_mkdirs(tmpsnap) || s_mkdirs(dir)) {
         fprintf(stderr, "pacsctl: cannot create %s\n", tmpsnap);
         goto out;
@@ -877,6 +888,157 @@ out:
     return rc;
 }
 
+/* ---- prune ------------------------------------------------------------------------------------
+ */
+
+static int s_cmp_desc(const void *a, const void *b)
+{
+    return -strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Keeps the newest `keep` snapshots (their names are UTC times, so they sort by age), removes
+ * the others, then every object none of the kept manifests names. Refuses when a kept manifest
+ * cannot be read (it could not say which objects it needs). 0 or 1. */
+static int s_prune(const char *dir, const unsigned char key[32], long keep)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/snapshots", dir);
+    DIR *d = opendir(path);
+    if (!d) {
+        fprintf(stderr, "pacsctl: %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t nl = strlen(e->d_name);
+        /* not a snapshot: hidden entries, and ID.tmp of a backup under way or one that failed */
+        if (e->d_name[0] == '.' || (nl > 4 && !strcmp(e->d_name + nl - 4, ".tmp"))) continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            names = realloc(names, cap * sizeof *names);
+            if (!names) abort();
+        }
+        names[n] = strdup(e->d_name);
+        if (!names[n]) abort();
+        n++;
+    }
+    closedir(d);
+    qsort(names, n, sizeof *names, s_cmp_desc);
+    int rc = 1;
+    /* the objects the kept snapshots need: their names, as the backup made them */
+    json_t *need = json_object();
+    if (!need) abort();
+    for (size_t i = 0; i < n && (long)i < keep; i++) {
+        char snap[PATH_MAX];
+        snprintf(snap, sizeof snap, "%s/snapshots/%s", dir, names[i]);
+        const char *why = NULL;
+        json_t *m = s_load_manifest(snap, key, &why);
+        if (!m) {
+            fprintf(stderr, "pacsctl: prune refused: snapshot %s: manifest %s\n", names[i], why);
+            goto out;
+        }
+        size_t k;
+        json_t *f;
+        json_array_foreach(json_object_get(m, "files"), k, f)
+        {
+            const char *sha = json_string_value(json_object_get(f, "sha256"));
+            if (!sha) continue;
+            char obj[PATH_MAX];
+            s_object_path(dir, key, sha, obj, sizeof obj);
+            json_object_set_new(need, obj, json_true());
+        }
+        json_decref(m);
+    }
+    long removed_snaps = 0, removed_objs = 0;
+    for (size_t i = (size_t)(keep < 0 ? 0 : keep); i < n; i++) {
+        char snap[PATH_MAX];
+        snprintf(snap, sizeof snap, "%s/snapshots/%s", dir, names[i]);
+        if (nftw(snap, s_rm_cb, 16, FTW_DEPTH | FTW_PHYS)) {
+            fprintf(stderr, "pacsctl: cannot remove %s: %s\n", snap, strerror(errno));
+            goto out;
+        }
+        printf("removed snapshot %s\n", names[i]);
+        removed_snaps++;
+    }
+    snprintf(path, sizeof path, "%s/objects", dir);
+    DIR *od = opendir(path);
+    struct dirent *sub;
+    while (od && (sub = readdir(od))) {
+        if (sub->d_name[0] == '.') continue;
+        char sd[PATH_MAX + 256];
+        snprintf(sd, sizeof sd, "%s/%s", path, sub->d_name);
+        DIR *x = opendir(sd);
+        struct dirent *o;
+        while (x && (o = readdir(x))) {
+            if (o->d_name[0] == '.') continue;
+            char obj[PATH_MAX + 512];
+            snprintf(obj, sizeof obj, "%s/%s", sd, o->d_name);
+            if (json_object_get(need, obj)) continue;
+            if (unlink(obj) == 0) removed_objs++;
+        }
+        if (x) closedir(x);
+    }
+    if (od) closedir(od);
+    printf("pruned %s: %ld snapshot(s) and %ld object(s) removed, %zu snapshot(s) kept\n", dir,
+           removed_snaps, removed_objs, n < (size_t)keep ? n : (size_t)keep);
+    rc = 0;
+out:
+    json_decref(need);
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+    return rc;
+}
+
+/* ---- schedule ---------------------------------------------------------------------------------
+ */
+
+static int s_schedule(const kp_config_t *cfg, const char *dir, const char *at, const char *keyfile)
+{
+    int hh, mm;
+    if (sscanf(at, "%d:%d", &hh, &mm) != 2 || hh < 0 || hh > 23 || mm < 0 || mm > 59) {
+        fprintf(stderr, "pacsctl: --at wants HH:MM\n");
+        return 2;
+    }
+    /* a timer runs elsewhere: absolute paths for the key, the target and the config */
+    char kabs[PATH_MAX], dabs[PATH_MAX], cabs[PATH_MAX];
+    if (realpath(keyfile, kabs)) keyfile = kabs;
+    if (realpath(dir, dabs)) dir = dabs;
+    char conf[PATH_MAX + 16] = "";
+    if (cfg->path && *cfg->path)
+        snprintf(conf, sizeof conf, " --config %s", realpath(cfg->path, cabs) ? cabs : cfg->path);
+    if (keyfile[0] != '/' || dir[0] != '/')
+        fprintf(stderr, "pacsctl: warning: %s is a relative path; give it absolute in the units\n",
+                keyfile[0] != '/' ? keyfile : dir);
+    printf("# Nightly backup of Klinika PACS at %02d:%02d into %s (key %s), then the audit\n"
+           "# chain check for monitoring, then pruning to the newest 14 snapshots.\n"
+           "# Save the first block as /etc/systemd/system/klinika-backup.service, the second as\n"
+           "# /etc/systemd/system/klinika-backup.timer, then: systemctl daemon-reload &&\n"
+           "# systemctl enable --now klinika-backup.timer (or use the crontab line instead).\n"
+           "# Keep a copy of the key apart from the backups; test a restore now and then with\n"
+           "# pacsctl backup verify %s/snapshots/<ID>.\n\n",
+           hh, mm, dir, keyfile, dir);
+    printf("[Unit]\nDescription=Klinika PACS nightly backup\nAfter=postgresql.service\n\n"
+           "[Service]\nType=oneshot\nUser=klinika\n"
+           "ExecStart=/usr/bin/pacsctl%s backup %s --key %s\n"
+           "ExecStart=/usr/bin/pacsctl%s audit verify --textfile "
+           "/var/lib/node_exporter/textfile/klinika_audit.prom\n"
+           "ExecStart=/usr/bin/pacsctl%s backup prune %s --keep 14 --key %s\n\n",
+           conf, dir, keyfile, conf, conf, dir, keyfile);
+    printf("[Unit]\nDescription=Klinika PACS nightly backup\n\n[Timer]\n"
+           "OnCalendar=*-*-* %02d:%02d:00\nPersistent=true\nRandomizedDelaySec=300\n\n"
+           "[Install]\nWantedBy=timers.target\n\n",
+           hh, mm);
+    printf("# crontab (user klinika):\n%d %d * * * /usr/bin/pacsctl%s backup %s --key %s && "
+           "/usr/bin/pacsctl%s audit verify --textfile "
+           "/var/lib/node_exporter/textfile/klinika_audit.prom && /usr/bin/pacsctl%s backup "
+           "prune %s --keep 14 --key %s\n",
+           mm, hh, conf, dir, keyfile, conf, conf, dir, keyfile);
+    return 0;
+}
+
 /* DIR/snapshots/ID -> DIR */
 static bool s_split(const char *snap, char *dir, size_t dirlen)
 {
@@ -896,35 +1058,48 @@ static bool s_split(const char *snap, char *dir, size_t dirlen)
 
 int pacsctl_backup(const kp_config_t *cfg, int argc, char **argv, bool restore)
 {
-    const char *keyfile = cfg->backup_key_file, *target = NULL;
-    bool verify = false, keygen = false, scratch = true;
+    const char *keyfile = cfg->backup_key_file, *target = NULL, *at = "02:30";
+    bool verify = false, keygen = false, scratch = true, prune = false, schedule = false;
+    long keep = -1;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--key") && i + 1 < argc)
             keyfile = argv[++i];
         else if (!strcmp(argv[i], "--no-scratch"))
             scratch = false;
+        else if (!strcmp(argv[i], "--keep") && i + 1 < argc)
+            keep = strtol(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--at") && i + 1 < argc)
+            at = argv[++i];
         else if (!restore && i == 0 && !strcmp(argv[i], "verify"))
             verify = true;
         else if (!restore && i == 0 && !strcmp(argv[i], "keygen"))
             keygen = true;
+        else if (!restore && i == 0 && !strcmp(argv[i], "prune"))
+            prune = true;
+        else if (!restore && i == 0 && !strcmp(argv[i], "schedule"))
+            schedule = true;
         else if (!target && argv[i][0] != '-')
             target = argv[i];
         else
             target = NULL, i = argc;
     }
-    if (!target) {
+    if (!target || (prune && keep < 1)) {
         fprintf(stderr, "usage: pacsctl backup keygen FILE | backup DIR [--key F] | backup "
-                        "verify DIR/snapshots/ID [--no-scratch] [--key F] | restore "
+                        "verify DIR/snapshots/ID [--no-scratch] [--key F] | backup prune DIR "
+                        "--keep N (N >= 1) [--key F] | backup schedule DIR [--at HH:MM] | restore "
                         "DIR/snapshots/ID [--key F]\n");
         return 2;
     }
+    if (schedule) return s_schedule(cfg, target, at, keyfile);
     if (keygen) return s_keygen(target);
     /* a child (pg_dump, pg_restore) that exits early must give EPIPE, not kill us */
     signal(SIGPIPE, SIG_IGN);
     unsigned char key[32];
     if (s_key_load(keyfile, key)) return 1;
     int rc;
-    if (!verify && !restore) {
+    if (prune) {
+        rc = s_prune(target, key, keep);
+    } else if (!verify && !restore) {
         rc = s_backup(cfg, target, key);
     } else {
         char dir[PATH_MAX];

@@ -455,8 +455,12 @@ static void s_record_failure(s_worker_t *w, int64_t job_id, int64_t pdf_id, cons
 /* One job, start to end; returns whether it succeeded (for DONE). */
 static bool s_job(s_worker_t *w, const kp_msg_t *m)
 {
-    char ctx[24];
-    snprintf(ctx, sizeof ctx, "%lld", (long long)m->id);
+    char ctx[72];
+    const char *rid = json_string_value(json_object_get(m->payload, "rid"));
+    if (rid) /* the gateway's request id (X-Request-Id), as the indexer logs it */
+        snprintf(ctx, sizeof ctx, "%lld rid=%.40s", (long long)m->id, rid);
+    else
+        snprintf(ctx, sizeof ctx, "%lld", (long long)m->id);
     json_t *id = json_object_get(m->payload, "pdf_id");
     s_outcome_t o = {0};
     int64_t pdf_id = json_is_integer(id) ? (int64_t)json_integer_value(id) : 0;
