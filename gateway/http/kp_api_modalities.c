@@ -198,7 +198,7 @@ out:
     return rc;
 }
 
-/* PUT /api/modalities/{name} {host?, port?, description?, site?, allow_*?, tls?}: the members
+/* PUT /api/modalities/{ae} {host?, port?, description?, site?, allow_*?, tls?}: the members
  * sent change, the others stay. */
 int kp_api_modality_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
@@ -251,7 +251,7 @@ out:
     return rc;
 }
 
-/* DELETE /api/modalities/{name} */
+/* DELETE /api/modalities/{ae} */
 int kp_api_modality_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     const char *p[] = {req->params[0]};
@@ -269,7 +269,7 @@ int kp_api_modality_delete(kp_http_env_t *env, const kp_http_req_t *req, kp_http
     return 0;
 }
 
-/* POST /api/modalities/{name}/echo: 200 {"ok": true|false, "detail": "..."} (404 when the AE
+/* POST /api/modalities/{ae}/echo: 200 {"ok": true|false, "detail": "..."} (404 when the AE
  * title is not registered). Waits up to dicom.acse_timeout seconds per message on this worker
  * thread, as pacsctl ae echo does. */
 int kp_api_modality_echo(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)

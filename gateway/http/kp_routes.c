@@ -1255,10 +1255,10 @@ static const kp_route_t s_routes[] = {
     /* the modality registry (kp_api_modalities.c; the table of pacsctl ae) */
     {"GET", "/api/modalities", "system.configure", kp_api_modalities_list},
     {"POST", "/api/modalities", "system.configure", kp_api_modalities_create},
-    {"GET", "/api/modalities/{name}", "system.configure", kp_api_modality_get},
-    {"PUT", "/api/modalities/{name}", "system.configure", kp_api_modality_update},
-    {"DELETE", "/api/modalities/{name}", "system.configure", kp_api_modality_delete},
-    {"POST", "/api/modalities/{name}/echo", "system.configure", kp_api_modality_echo},
+    {"GET", "/api/modalities/{ae}", "system.configure", kp_api_modality_get},
+    {"PUT", "/api/modalities/{ae}", "system.configure", kp_api_modality_update},
+    {"DELETE", "/api/modalities/{ae}", "system.configure", kp_api_modality_delete},
+    {"POST", "/api/modalities/{ae}/echo", "system.configure", kp_api_modality_echo},
     /* routing rules and deliveries (kp_api_routes.c; pacs-router sends them). The literal
      * /api/routes/deliveries comes before /api/routes/{id} ({id} is digits only anyway). */
     {"GET", "/api/routes/deliveries", "route.manage", kp_api_route_deliveries},
@@ -1511,6 +1511,32 @@ static int s_match(const char *pattern, const char *path, size_t pathlen,
                 if (!memchr(an, s[k], sizeof an - 1) && !memchr("_.@-", s[k], 4)) return -1;
             memcpy(params[n], s, sl);
             params[n][sl] = 0;
+            n++;
+            p += pl;
+            s += sl;
+            continue;
+        }
+        if (pl == 4 && !memcmp(p, "{ae}", 4)) {
+            /* an AE title (the modality registry): percent-decoded, 1 to 16 characters of the
+             * DICOM default repertoire without backslash ("CT%20SCAN%202" is "CT SCAN 2"); the
+             * handler checks leading and trailing spaces like any other input */
+            char ae[17];
+            size_t al = 0;
+            if (sl == 0 || sl > 48 || n >= KP_HTTP_MAX_PARAMS) return -1;
+            for (size_t k = 0; k < sl; k++) {
+                unsigned c = (unsigned char)s[k];
+                if (c == '%') {
+                    if (k + 2 >= sl) return -1;
+                    char hex[3] = {s[k + 1], s[k + 2], 0};
+                    if (strspn(hex, "0123456789abcdefABCDEF") != 2) return -1;
+                    c = (unsigned)strtoul(hex, NULL, 16);
+                    k += 2;
+                }
+                if (c < 0x20 || c > 0x7e || c == '\\' || al >= 16) return -1;
+                ae[al++] = (char)c;
+            }
+            memcpy(params[n], ae, al);
+            params[n][al] = 0;
             n++;
             p += pl;
             s += sl;

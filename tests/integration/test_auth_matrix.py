@@ -65,7 +65,7 @@ def concrete(route):
             .replace("{frames}", "1").replace("{tagpath...}", "7FE00010")
             .replace("{file...}", "worklist")
             .replace("{id}", "999999999").replace("{n}", "1").replace("{pdf_id}", "999999999")
-            .replace("{name}", "nobody-here"))  # admin API: no such user/role/site (404)
+            .replace("{name}", "nobody-here").replace("{ae}", "NO%20SUCH%20AE"))  # admin API: no such user/role/site (404)
     assert "{" not in path, f"no value for a parameter of {route['path']}"
     if path == "/wado":
         path += (f"?requestType=WADO&studyUID={ds.StudyInstanceUID}"

@@ -154,6 +154,19 @@ def test_validation_edges_accepted_and_put_checked(gw):
         st, j = api(gw, "PUT", "/api/modalities/SIXTEEN_CHARS_AE", b)
         assert st == 400 and j["error"]["code"] == "invalid_argument", (b, st, j)
     assert gw.sql("SELECT port FROM modalities WHERE ae_title = 'SIXTEEN_CHARS_AE'") == [(65535,)]
+    # an AE title with a space and punctuation is addressed percent-encoded in the path
+    import urllib.parse
+    path = "/api/modalities/" + urllib.parse.quote("A B+C*#", safe="")
+    st, j = api(gw, "GET", path)
+    assert st == 200 and j["ae_title"] == "A B+C*#", (st, j)
+    st, j = api(gw, "PUT", path, {"port": 4242})
+    assert st == 200 and j["port"] == 4242, (st, j)
+    for bad in ("A%5CB", "A%0AB", "%41%4", "ABCDEFGHIJKLMNOPQ", "A%2FB"):  # \, LF, short, 17
+        st, j = api(gw, "GET", "/api/modalities/" + bad)
+        assert st == 404, (bad, st, j)
+    st, j = api(gw, "DELETE", path)
+    assert st in (200, 204), (st, j)
+    assert gw.sql("SELECT count(*) FROM modalities WHERE ae_title = 'A B+C*#'") == [(0,)]
     # not JSON
     st, h, b = gw.https("POST", "/api/modalities", {"Content-Type": "application/json"}, "{")
     assert st == 400
