@@ -8,6 +8,7 @@ site. No pacs-reporter needs to run: a finished render is simulated by writing a
 the storage root and marking its report_pdfs row done, as the worker would."""
 import hashlib
 import json
+import re
 import os
 import signal
 
@@ -394,7 +395,10 @@ def test_pdf_request_and_download(gw, tok):
     assert st == 202, p
     assert p["state"] == "pending" and p["version"] == 1 and p["report_id"] == rid
     job = gw.sql("SELECT type, payload, state FROM jobs WHERE id = %s", (p["job_id"],))
-    assert job == [("report.pdf", {"pdf_id": p["pdf_id"]}, "pending")]
+    # the payload names the render, and carries the request's id (X-Request-Id) for the logs
+    assert len(job) == 1 and job[0][0] == "report.pdf" and job[0][2] == "pending", job
+    assert job[0][1]["pdf_id"] == p["pdf_id"] and re.fullmatch(r"[0-9a-f]{16}", job[0][1]["rid"])
+    assert set(job[0][1]) == {"pdf_id", "rid"}, job
     row = gw.sql("SELECT p.job_id, v.version, p.requested_by, p.state FROM report_pdfs p JOIN "
                  "report_versions v ON v.id = p.version_id WHERE p.id = %s", (p["pdf_id"],))
     assert row == [(p["job_id"], 1, "doc1", "pending")]
