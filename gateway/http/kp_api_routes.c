@@ -373,39 +373,50 @@ int kp_api_route_delivery_retry(kp_http_env_t *env, const kp_http_req_t *req, kp
 {
     const char *p[] = {req->params[0]};
     PGresult *r = NULL;
-    int rc = kp_db_exec(env->db, &r,
-                        "WITH old AS (SELECT id, state FROM route_deliveries WHERE id = $1::bigint "
-                        "FOR UPDATE), upd AS (UPDATE route_deliveries d SET state = 'pending', "
-                        "attempts = 0, next_attempt_at = now(), lease_until = NULL, updated_at = "
-                        "now() FROM old WHERE d.id = old.id AND old.state IN ('pending', 'dead') "
-                        "RETURNING d.id) SELECT old.state, (SELECT count(*) FROM upd) FROM old",
-                        1, p);
+    /* one transaction: the answer is the row as this request left it (a router may claim it
+     * the moment it commits) */
+    int rc = kp_db_begin(env->db);
     if (rc) return rc;
+    rc = kp_db_exec(env->db, &r,
+                    "WITH old AS (SELECT id, state FROM route_deliveries WHERE id = $1::bigint "
+                    "FOR UPDATE), upd AS (UPDATE route_deliveries d SET state = 'pending', "
+                    "attempts = 0, next_attempt_at = now(), lease_until = NULL, updated_at = "
+                    "now() FROM old WHERE d.id = old.id AND old.state IN ('pending', 'dead') "
+                    "RETURNING d.id) SELECT old.state, (SELECT count(*) FROM upd) FROM old",
+                    1, p);
+    if (rc) goto out;
     if (PQntuples(r) != 1) {
-        PQclear(r);
-        return s_fail(resp, KP_ENOTFOUND, "no such delivery", p[0]);
+        s_fail(resp, KP_ENOTFOUND, "no such delivery", p[0]);
+        goto out;
     }
     char state[16];
     snprintf(state, sizeof state, "%s", PQgetvalue(r, 0, 0));
     bool done = atoi(PQgetvalue(r, 0, 1)) == 1;
     PQclear(r);
-    if (!done)
-        return s_fail(resp, KP_ECONFLICT,
-                      !strcmp(state, "delivered") ? "delivered already: it is never sent twice"
-                                                  : "being sent now",
-                      state);
-    kp_info("admin", "%s retries delivery %s (was %s)", req->id.user, p[0], state);
+    r = NULL;
+    if (!done) {
+        s_fail(resp, KP_ECONFLICT,
+               !strcmp(state, "delivered") ? "delivered already: it is never sent twice"
+                                           : "being sent now",
+               state);
+        goto out;
+    }
     rc = kp_db_exec(env->db, &r,
                     "SELECT " S_DELIVERY_OBJ "::text FROM route_deliveries d JOIN route_rules r "
                     "ON r.id = d.rule_id WHERE d.id = $1::bigint",
                     1, p);
-    if (rc) return rc;
-    if (PQntuples(r) == 1)
-        kp_api_text_resp(resp, 200, PQgetvalue(r, 0, 0));
-    else
+    if (rc) goto out;
+    if (PQntuples(r) != 1) {
         s_fail(resp, KP_ENOTFOUND, "no such delivery", p[0]);
-    PQclear(r);
-    return 0;
+        goto out;
+    }
+    if ((rc = kp_db_commit(env->db))) goto out;
+    kp_info("admin", "%s retries delivery %s (was %s)", req->id.user, p[0], state);
+    kp_api_text_resp(resp, 200, PQgetvalue(r, 0, 0));
+out:
+    kp_db_rollback(env->db); /* nothing to undo after the commit */
+    if (r) PQclear(r);
+    return rc;
 }
 
 /* POST /api/routes/deliveries/retry?state=dead[&rule=ID]: every dead delivery pending now */
