@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import kp
+from test_modalities_api import api  # (status, json) as the test administrator
 
 ROOT = "1.2.826.0.1.3680043.10.1411.88"
 PW = "Router-Api-Pass-7"
@@ -148,16 +149,6 @@ def a(cluster, sys_b):
         s.stop()
 
 
-def api(s, method, path, body=None, token=None):
-    h = {}
-    if token:
-        h["Authorization"] = "Bearer " + token
-    data = None
-    if body is not None:
-        data = json.dumps(body)
-        h["Content-Type"] = "application/json"
-    st, _, b = s.https(method, path, h, data)
-    return st, (json.loads(b) if b else None)
 
 
 def dest(a, aet, port=None, register=True, syntax="+xa"):
