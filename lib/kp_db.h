@@ -13,7 +13,7 @@
 #include <stdbool.h>
 
 /* The schema version this build expects: the number of the newest file in schema/. */
-#define KP_SCHEMA_VERSION 9
+#define KP_SCHEMA_VERSION 10
 
 typedef struct kp_db kp_db_t;
 

@@ -75,14 +75,17 @@ void kp_retrieve_destroy(kp_retrieve_t **rp)
     *rp = NULL;
 }
 
-/* The registry row of a move destination: 0 and its address and TLS flag when it is registered
- * with allow_retrieve; KP_EPERM when not registered or not allowed; KP_EDB. */
-static int s_lookup(kp_db_t *db, const char *ae, char *host, size_t hostlen, int *port, int *tls)
+/* The registry row of a move destination: 0 and its address, TLS flag and the number of
+ * associations the sub-operations may use at once when it is registered with allow_retrieve;
+ * KP_EPERM when not registered or not allowed; KP_EDB. */
+static int s_lookup(kp_db_t *db, const char *ae, char *host, size_t hostlen, int *port, int *tls,
+                    int *nassoc)
 {
     PGresult *res = NULL;
     const char *params[] = {ae};
     int rc = kp_db_exec(db, &res,
-                        "SELECT host, port, tls FROM modalities WHERE ae_title = $1 AND "
+                        "SELECT host, port, tls, move_associations FROM modalities WHERE "
+                        "ae_title = $1 AND "
                         "allow_retrieve",
                         1, params);
     if (rc) return rc;
@@ -93,6 +96,7 @@ static int s_lookup(kp_db_t *db, const char *ae, char *host, size_t hostlen, int
     snprintf(host, hostlen, "%s", PQgetvalue(res, 0, 0));
     *port = atoi(PQgetvalue(res, 0, 1));
     *tls = !strcmp(PQgetvalue(res, 0, 2), "t");
+    *nassoc = atoi(PQgetvalue(res, 0, 3));
     PQclear(res);
     return 0;
 }
@@ -128,9 +132,9 @@ unsigned kp_retrieve_handle(void *user, const kp_dicom_retrieve_req_t *req,
     }
     if (req->op == KP_DICOM_MOVE) {
         char host[256];
-        int port = 0, tls = 0;
+        int port = 0, tls = 0, nassoc = 1;
         const char *dest = req->move_destination ? req->move_destination : "";
-        rc = *dest ? s_lookup(db, dest, host, sizeof host, &port, &tls) : KP_EPERM;
+        rc = *dest ? s_lookup(db, dest, host, sizeof host, &port, &tls, &nassoc) : KP_EPERM;
         if (rc == KP_EPERM) {
             kp_warn(CAT, "C-MOVE from %s (%s) refused: move destination '%s' unknown", ae,
                     req->peer_host, dest);
@@ -145,6 +149,7 @@ unsigned kp_retrieve_handle(void *user, const kp_dicom_retrieve_req_t *req,
             goto error;
         }
         kp_dicom_retrieve_set_tls(plan, tls);
+        kp_dicom_retrieve_set_associations(plan, nassoc);
     }
     rc = kp_find_sql_retrieve_scoped(req, MAX_INSTANCES, acc.site_id, &q, err, sizeof err);
     if (rc) {

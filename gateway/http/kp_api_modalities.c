@@ -28,8 +28,9 @@
 #define S_MOD_OBJ                                                                                  \
     "json_build_object('ae_title', m.ae_title, 'host', m.host, 'port', m.port, 'description', "    \
     "m.description, 'site', m.site, 'allow_store', m.allow_store, 'allow_find', m.allow_find, "    \
-    "'allow_retrieve', m.allow_retrieve, 'tls', m.tls, 'created_at', " S_TS(                       \
-        "m.created_at") ", 'updated_at', " S_TS("m.updated_at") ")"
+    "'allow_retrieve', m.allow_retrieve, 'tls', m.tls, 'move_associations', "                      \
+    "m.move_associations, 'created_at', " S_TS("m.created_at") ", 'updated_at', " S_TS(            \
+        "m.updated_at") ")"
 /* clang-format on */
 
 #define S_AE_RULE                                                                                  \
@@ -74,6 +75,7 @@ typedef struct {
     const char *host, *description, *site;
     const char *allow_store, *allow_find, *allow_retrieve, *tls; /* "true", "false" or NULL */
     char port[8];                                                /* "" when absent */
+    char nassoc[8]; /* move_associations, "" when absent */
 } s_fields_t;
 
 /* Reads and validates the members other than ae_title. 0, or -1 when answered (400). */
@@ -100,7 +102,34 @@ static int s_fields(json_t *b, s_fields_t *f, kp_http_resp_t *resp)
         }
         snprintf(f->port, sizeof f->port, "%d", (int)json_integer_value(p));
     }
+    json_t *m = json_object_get(b, "move_associations");
+    if (m && !json_is_null(m)) {
+        if (!json_is_integer(m) || json_integer_value(m) < 1 || json_integer_value(m) > 16) {
+            kp_http_error(resp, KP_EINVAL, 0,
+                          "move_associations must be a whole number from 1 to 16", NULL);
+            return -1;
+        }
+        snprintf(f->nassoc, sizeof f->nassoc, "%d", (int)json_integer_value(m));
+    }
     return 0;
+}
+
+/* The statement parameters $1..$10 of INSERT and UPDATE: the AE title, then the fields in
+ * table order (NULL: absent, the column's default or current value stays). */
+#define S_NPARAMS 10
+static void s_params(const char *ae, const s_fields_t *f, const char *p[S_NPARAMS])
+{
+    const char *v[S_NPARAMS] = {ae,
+                                f->host,
+                                f->port[0] ? f->port : NULL,
+                                f->description,
+                                f->site,
+                                f->allow_store,
+                                f->allow_find,
+                                f->allow_retrieve,
+                                f->tls,
+                                f->nassoc[0] ? f->nassoc : NULL};
+    memcpy(p, v, sizeof v);
 }
 
 /* Begins the transaction under the admin lock and checks that site (NULL or "" skip) exists.
@@ -151,7 +180,8 @@ int kp_api_modality_get(kp_http_env_t *env, const kp_http_req_t *req, kp_http_re
 }
 
 /* POST /api/modalities {ae_title, host, port, description?, site?, allow_store?, allow_find?,
- * allow_retrieve?, tls?} (defaults as pacsctl ae add: every operation allowed, no TLS). */
+ * allow_retrieve?, tls?, move_associations?} (defaults as pacsctl ae add: every operation
+ * allowed, no TLS, one association per C-MOVE). */
 int kp_api_modalities_create(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     json_t *b = kp_http_json_body(req, resp);
@@ -174,15 +204,16 @@ int kp_api_modalities_create(kp_http_env_t *env, const kp_http_req_t *req, kp_ht
         if (rc == 1) rc = 0;
         goto out;
     }
-    const char *p[] = {ae,           f.host,           f.port, f.description, f.site, f.allow_store,
-                       f.allow_find, f.allow_retrieve, f.tls};
+    const char *p[S_NPARAMS];
+    s_params(ae, &f, p);
     rc = kp_db_exec(env->db, &r,
                     "INSERT INTO modalities (ae_title, host, port, description, site, allow_store, "
-                    "allow_find, allow_retrieve, tls) VALUES ($1, $2, $3::int, coalesce($4, ''), "
-                    "coalesce($5, ''), coalesce($6::boolean, true), coalesce($7::boolean, true), "
-                    "coalesce($8::boolean, true), coalesce($9::boolean, false)) ON CONFLICT "
+                    "allow_find, allow_retrieve, tls, move_associations) VALUES ($1, $2, $3::int, "
+                    "coalesce($4, ''), coalesce($5, ''), coalesce($6::boolean, true), "
+                    "coalesce($7::boolean, true), coalesce($8::boolean, true), "
+                    "coalesce($9::boolean, false), coalesce($10::smallint, 1)) ON CONFLICT "
                     "(ae_title) DO NOTHING RETURNING pk",
-                    9, p);
+                    S_NPARAMS, p);
     if (rc) goto out;
     if (PQntuples(r) != 1) {
         rc = s_fail(resp, KP_ECONFLICT, "a modality with this AE title is registered", ae);
@@ -198,8 +229,8 @@ out:
     return rc;
 }
 
-/* PUT /api/modalities/{ae} {host?, port?, description?, site?, allow_*?, tls?}: the members
- * sent change, the others stay. */
+/* PUT /api/modalities/{ae} {host?, port?, description?, site?, allow_*?, tls?,
+ * move_associations?}: the members sent change, the others stay. */
 int kp_api_modality_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http_resp_t *resp)
 {
     json_t *b = kp_http_json_body(req, resp);
@@ -219,23 +250,17 @@ int kp_api_modality_update(kp_http_env_t *env, const kp_http_req_t *req, kp_http
         if (rc == 1) rc = 0;
         goto out;
     }
-    const char *p[] = {ae,
-                       f.host,
-                       f.port[0] ? f.port : NULL,
-                       f.description,
-                       f.site,
-                       f.allow_store,
-                       f.allow_find,
-                       f.allow_retrieve,
-                       f.tls};
+    const char *p[S_NPARAMS];
+    s_params(ae, &f, p);
     rc = kp_db_exec(env->db, &r,
                     "UPDATE modalities SET host = coalesce($2, host), port = coalesce($3::int, "
                     "port), description = coalesce($4, description), site = coalesce($5, site), "
                     "allow_store = coalesce($6::boolean, allow_store), allow_find = "
                     "coalesce($7::boolean, allow_find), allow_retrieve = coalesce($8::boolean, "
-                    "allow_retrieve), tls = coalesce($9::boolean, tls), updated_at = now() WHERE "
+                    "allow_retrieve), tls = coalesce($9::boolean, tls), move_associations = "
+                    "coalesce($10::smallint, move_associations), updated_at = now() WHERE "
                     "ae_title = $1 RETURNING pk",
-                    9, p);
+                    S_NPARAMS, p);
     if (rc) goto out;
     if (PQntuples(r) != 1) {
         rc = s_fail(resp, KP_ENOTFOUND, "no such modality", ae);

@@ -260,7 +260,7 @@ async function modalities(box, refresh) {
   const rows = list.map(x => h('tr', h('td', x.ae_title), h('td', x.host), h('td.num', x.port),
     h('td', x.description || ''), h('td', x.site || ''),
     h('td', [x.allow_store && 'C-STORE', x.allow_find && 'C-FIND', x.allow_retrieve && 'C-MOVE'].filter(Boolean).join(', ')),
-    h('td', yes(x.tls)),
+    h('td', yes(x.tls)), h('td.num', x.move_associations || 1),
     h('td.actions',
       h('button.small.secondary', { type: 'button', on: { click: guard(async () => {
         const r = await api('POST', `/api/modalities/${encodeURIComponent(x.ae_title)}/echo`);
@@ -273,15 +273,17 @@ async function modalities(box, refresh) {
     field('ad-m-host', 'admin.host', h('input#ad-m-host', { name: 'host', required: true })),
     field('ad-m-port', 'admin.port', h('input#ad-m-port', { name: 'port', type: 'number', min: 1, max: 65535, required: true })),
     field('ad-m-description', 'admin.description', h('input#ad-m-description', { name: 'description' })),
+    field('ad-m-moves', 'admin.move_associations', h('input#ad-m-moves', { name: 'move_associations', type: 'number', min: 1, max: 16, value: 1, required: true })),
     h('div.buttons', h('button', { type: 'submit' }, t('admin.create'))));
   form.addEventListener('submit', guard(async () => {
     await api('POST', '/api/modalities', { ae_title: form.ae_title.value.trim(), host: form.host.value.trim(),
-      port: Number(form.port.value), description: form.description.value });
+      port: Number(form.port.value), description: form.description.value,
+      move_associations: Number(form.move_associations.value) });
     toast(t('admin.created'));
     refresh();
   }));
   box.append(table(['admin.ae_title', 'admin.host', 'admin.port', 'admin.description', 'admin.site',
-                    'admin.allowed', 'admin.tls', 'admin.actions'], rows, 'ad-modalities'), form);
+                    'admin.allowed', 'admin.tls', 'admin.move_associations', 'admin.actions'], rows, 'ad-modalities'), form);
 }
 
 // ---- report templates -----------------------------------------------------------------------

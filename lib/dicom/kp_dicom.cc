@@ -32,12 +32,16 @@
  *    accept loop, so TLS associations share the worker pool; the requestor one is set on the
  *    network of each C-MOVE sub-association to a TLS destination (creating connections from
  *    one SSL_CTX on several threads is safe in OpenSSL 3).
- *  - Accepting: the loop accepts connections itself and keeps each one pending until its first
- *    PDU (A-ASSOCIATE-RQ, or on the TLS port the ClientHello record) is entirely in the receive
- *    buffer, then hands it to ASC_receiveAssociation() through DCMTK's external-socket ("inetd")
- *    handle, so that reading the request never waits on the peer: a silent or trickling client
- *    holds only its own slot until acse_timeout. The rest of a TLS handshake (after the
- *    ClientHello) still runs on the loop, bounded by the socket timeouts (dimse_timeout).
+ *  - Accepting: the loop accepts connections itself and keeps each one pending until its
+ *    A-ASSOCIATE-RQ is entirely in the receive buffer, then hands it to ASC_receiveAssociation()
+ *    through DCMTK's external-socket ("inetd") handle, so that reading the request never waits
+ *    on the peer: a silent or trickling client holds only its own slot until acse_timeout. On
+ *    the TLS port the loop also runs the handshake itself, non-blocking, on an SSL made from the
+ *    layer's context, and DCMTK's connection wraps the finished SSL (KpTLSLayer), so a client
+ *    stalling mid-handshake holds only its own slot too.
+ *  - Parallel C-MOVE: a plan with associations > 1 sends over that many sub-associations at
+ *    once, a thread each taking the next instance (s_run_move_parallel); the association's own
+ *    thread watches for C-CANCEL and sends the Pending responses.
  *  - DCMTK's oflog output is routed into kp_log (category "dcmtk"): DCMTK errors become our
  *    warnings, DCMTK warnings our debug lines (real-world files trigger many of them). */
 #include <dcmtk/config/osconfig.h>
@@ -61,6 +65,7 @@
 #include <dcmtk/dcmnet/scpthrd.h>
 #include <dcmtk/dcmnet/scu.h>
 #include <dcmtk/dcmtls/tlslayer.h>
+#include <dcmtk/dcmtls/tlstrans.h>
 #include <dcmtk/oflog/appender.h>
 #include <dcmtk/oflog/oflog.h>
 #include <dcmtk/oflog/spi/logevent.h>
@@ -71,6 +76,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
 #include <list>
 #include <map>
 #include <memory>
@@ -83,6 +89,8 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -926,6 +934,7 @@ struct kp_dicom_retrieve_plan {
     std::string host;
     int port = 0;
     bool tls = false;
+    int associations = 1; /* C-MOVE: sub-associations used at once */
     std::string comment;
 };
 
@@ -970,6 +979,11 @@ extern "C" void kp_dicom_retrieve_set_tls(kp_dicom_retrieve_plan_t *plan, int tl
     if (plan) plan->tls = tls != 0;
 }
 
+extern "C" void kp_dicom_retrieve_set_associations(kp_dicom_retrieve_plan_t *plan, int n)
+{
+    if (plan) plan->associations = n < 1 ? 1 : n > 16 ? 16 : n;
+}
+
 extern "C" void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, const char *text)
 {
     if (!plan) return;
@@ -988,14 +1002,36 @@ bool s_set(const char *s)
     return s && *s;
 }
 
+/* DCMTK's TLS layer, plus a hand-over: the accept loop runs the TLS handshake of a connection
+ * itself (non-blocking, on its own SSL object made from this layer's context, exactly as
+ * DcmTLSTransportLayer::createConnection() makes one) and puts the finished SSL in handoff just
+ * before ASC_receiveAssociation(); the connection DCMTK then asks for wraps it, and DCMTK's own
+ * handshake call (SSL_accept) returns at once on an established connection. Only the accept
+ * loop's thread sets handoff, and only around that call. */
+class KpTLSLayer : public DcmTLSTransportLayer
+{
+  public:
+    KpTLSLayer(T_ASC_NetworkRole role) : DcmTLSTransportLayer(role, nullptr, OFFalse) {}
+    SSL *handoff = nullptr;
+    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
+    {
+        if (secure && handoff) {
+            SSL *ssl = handoff;
+            handoff = nullptr;
+            return new DcmTLSConnection(sock, ssl);
+        }
+        return DcmTLSTransportLayer::createConnection(sock, secure);
+    }
+};
+
 /* A TLS context for one role from the PEM files in t: BCP 195 non-downgrading profile (TLS 1.2
  * or newer, AES-GCM suites with ECDHE/DHE), our certificate and key (required for the
  * acceptor, optional for a requestor), the trusted CAs, and peer verification (a requestor
  * always requires the server's certificate; an acceptor requires a client certificate when
  * t->require_peer_cert, and verifies one that is presented in any case). NULL with why set
  * when a file is missing, unreadable or the key does not match the certificate. */
-std::unique_ptr<DcmTLSTransportLayer> s_tls_layer(T_ASC_NetworkRole role, const kp_dicom_tls_t *t,
-                                                  std::string &why)
+std::unique_ptr<KpTLSLayer> s_tls_layer(T_ASC_NetworkRole role, const kp_dicom_tls_t *t,
+                                        std::string &why)
 {
     const bool server = role == NET_ACCEPTOR;
     if (!t || !s_set(t->ca_file)) {
@@ -1016,7 +1052,7 @@ std::unique_ptr<DcmTLSTransportLayer> s_tls_layer(T_ASC_NetworkRole role, const 
             return nullptr;
         }
     }
-    std::unique_ptr<DcmTLSTransportLayer> l(new DcmTLSTransportLayer(role, nullptr, OFFalse));
+    std::unique_ptr<KpTLSLayer> l(new KpTLSLayer(role));
     if (!*l) {
         why = "cannot create a TLS context (OpenSSL)";
         return nullptr;
@@ -1906,6 +1942,203 @@ class KpAssocSCP : public DcmThreadSCP
         m_cfg->on_retrieve_done(m_cfg->user, &req, &res);
     }
 
+    /* C-MOVE over several associations to the destination (plan.associations > 1; first is
+     * already open). A thread per sub-association takes the next instance of the plan as soon
+     * as its previous one is answered; the others are opened alongside the first, and one the
+     * destination refuses or leaves unanswered simply takes no work. This thread, the
+     * requesting association's, watches for C-CANCEL and a stop, and sends a Pending response
+     * whenever the counts moved. Returns as s_run_subops(). */
+    OFCondition s_run_move_parallel(T_ASC_PresentationContextID pres_id, DIC_US msg_id,
+                                    const std::string &sop_class, void *rq, const std::string &dest,
+                                    const kp_dicom_retrieve_plan_t &plan,
+                                    std::unique_ptr<KpSubAssoc> first, KpSubOps &n, bool &cancelled,
+                                    std::string &comment)
+    {
+        struct Shared {
+            std::mutex mu;
+            std::condition_variable cv;
+            size_t next = 0;      /* the next item of the plan to send */
+            unsigned busy = 0;    /* sub-operations in flight */
+            unsigned senders = 0; /* threads that may still send (opening or open) */
+            unsigned opened = 1;  /* associations opened (the first included) */
+            unsigned changes = 0; /* bumped by every finished sub-operation */
+            bool halt = false;    /* C-CANCEL, a stop, or the requesting association failed */
+        } sh;
+        const int timeout = static_cast<int>(s_dimse_timeout());
+        const size_t total = plan.items.size();
+        const size_t want = std::min<size_t>(static_cast<size_t>(plan.associations), total);
+        DcmTransportLayer *tls = plan.tls ? m_client_tls : nullptr;
+
+        auto send_items = [&](KpSubAssoc *sub) {
+            for (;;) {
+                size_t i;
+                {
+                    std::lock_guard<std::mutex> lk(sh.mu);
+                    if (sh.halt || sh.next >= total || *m_cfg->stop || m_abort->load()) break;
+                    i = sh.next++;
+                    sh.busy++;
+                }
+                const KpRetrieveItem &it = plan.items[i];
+                std::string accepted, why;
+                Uint16 st = STATUS_STORE_Refused_SOPClassNotSupported;
+                unsigned long long bytes = 0;
+                bool broke = false;
+                T_ASC_PresentationContextID ctx =
+                    s_pick_context(sub->assoc, it.sop_class, it.ts, false, accepted);
+                if (!ctx) {
+                    why = "no accepted presentation context for its SOP class / transfer syntax";
+                } else {
+                    OFCondition sc =
+                        s_store_instance(sub->assoc, ctx, it, accepted, m_calling.c_str(), msg_id,
+                                         timeout, nullptr, &st, why, &bytes);
+                    if (sc.bad()) {
+                        why = std::string("association to the destination failed: ") + sc.text();
+                        sub->broken = true;
+                        broke = true;
+                        st = STATUS_STORE_Refused_OutOfResources;
+                    }
+                }
+                {
+                    std::lock_guard<std::mutex> lk(sh.mu);
+                    n.bytes += bytes;
+                    if (st == STATUS_Success)
+                        n.completed++;
+                    else if ((st & 0xF000) == 0xB000)
+                        n.warning++;
+                    else
+                        n.fail(it.sop_uid);
+                    if (broke) comment = why.substr(0, 64);
+                    sh.busy--;
+                    sh.changes++;
+                }
+                sh.cv.notify_all();
+                if (st != STATUS_Success && (st & 0xF000) != 0xB000)
+                    kp_warn(CAT, "C-MOVE from %s: sub-operation for %s failed (status %04X)%s%s",
+                            m_calling.c_str(), it.sop_uid.c_str(), st, why.empty() ? "" : ": ",
+                            why.c_str());
+                if (broke) break;
+            }
+        };
+        auto finished = [&]() {
+            {
+                std::lock_guard<std::mutex> lk(sh.mu);
+                sh.senders--;
+            }
+            sh.cv.notify_all();
+        };
+
+        /* threads[0] sends over first; the others open their own association first */
+        std::vector<std::thread> threads;
+        for (size_t k = 0; k < want; k++) {
+            {
+                std::lock_guard<std::mutex> lk(sh.mu);
+                sh.senders++;
+            }
+            try {
+                if (k == 0) {
+                    threads.emplace_back([&, sub = first.get()]() {
+                        send_items(sub);
+                        finished();
+                    });
+                    continue;
+                }
+                threads.emplace_back([&, k]() {
+                    std::unique_ptr<KpSubAssoc> sub(new KpSubAssoc());
+                    std::string why;
+                    if (s_open_destination(*sub, m_cfg->ae_title, m_cfg->acse_timeout,
+                                           m_cfg->max_pdu, plan.items, dest, plan.host, plan.port,
+                                           tls, why)
+                            .bad()) {
+                        kp_info(CAT,
+                                "C-MOVE from %s: association %zu of %zu to %s not opened (%s); "
+                                "the others carry on",
+                                m_calling.c_str(), k + 1, want, dest.c_str(), why.c_str());
+                    } else {
+                        {
+                            std::lock_guard<std::mutex> lk(sh.mu);
+                            sh.opened++;
+                        }
+                        send_items(sub.get());
+                    }
+                    sub.reset(); /* released (or aborted) here, on this thread */
+                    finished();
+                });
+            } catch (const std::system_error &e) {
+                kp_warn(CAT, "C-MOVE: cannot start a thread for association %zu: %s", k + 1,
+                        e.what());
+                std::lock_guard<std::mutex> lk(sh.mu);
+                sh.senders--;
+                break;
+            }
+        }
+
+        /* watch: C-CANCEL, a stop, progress; until nothing is in flight and nothing is left to
+         * take (or no association is left to take it) */
+        OFCondition lost = EC_Normal;
+        bool stopping = false;
+        {
+            std::unique_lock<std::mutex> lk(sh.mu);
+            unsigned seen = 0;
+            for (;;) {
+                if (((sh.next >= total || sh.halt) && sh.busy == 0) || sh.senders == 0) break;
+                if (sh.halt) { /* only waiting for the sub-operations in flight */
+                    sh.cv.wait_for(lk, std::chrono::milliseconds(100));
+                    continue;
+                }
+                if (sh.changes == seen) sh.cv.wait_for(lk, std::chrono::milliseconds(100));
+                const bool moved = sh.changes != seen;
+                seen = sh.changes;
+                KpSubOps snap;
+                snap.total = n.total;
+                snap.completed = n.completed;
+                snap.failed = n.failed;
+                snap.warning = n.warning;
+                lk.unlock();
+                OFCondition cc = DIMSE_checkForCancelRQ(m_assoc, pres_id, msg_id);
+                OFCondition rc = EC_Normal;
+                if (cc == DIMSE_NODATAAVAILABLE && moved && snap.remaining() > 0)
+                    rc = s_retrieve_rsp(KP_DICOM_MOVE, pres_id, msg_id, sop_class.c_str(), rq,
+                                        STATUS_MOVE_Pending_SubOperationsAreContinuing, snap,
+                                        nullptr, "");
+                lk.lock();
+                if (cc.good()) {
+                    cancelled = true;
+                    sh.halt = true;
+                } else if (cc != DIMSE_NODATAAVAILABLE) {
+                    lost = cc; /* broken, or an unexpected message */
+                    sh.halt = true;
+                } else if (rc.bad()) {
+                    lost = rc;
+                    sh.halt = true;
+                } else if (*m_cfg->stop || m_abort->load()) {
+                    stopping = true;
+                    sh.halt = true;
+                }
+            }
+        }
+        /* the first association is released before the others are waited for: a destination
+         * that serves one association at a time answers a waiting one only then */
+        if (!threads.empty()) threads[0].join();
+        first.reset();
+        for (size_t k = 1; k < threads.size(); k++)
+            threads[k].join();
+
+        if (lost.bad()) return lost;
+        if (cancelled) {
+            kp_info(CAT, "C-MOVE from %s cancelled after %u of %u sub-operations",
+                    m_calling.c_str(), n.total - n.remaining(), n.total);
+            return EC_Normal;
+        }
+        /* never taken: a stop, or every association to the destination failed */
+        for (size_t k = sh.next; k < total; k++)
+            n.fail(plan.items[k].sop_uid);
+        if (sh.next < total && (stopping || *m_cfg->stop || m_abort->load()))
+            comment = "stopping: sub-operations not performed";
+        kp_info(CAT, "C-MOVE from %s to %s: %u instance(s) over %u association(s)",
+                m_calling.c_str(), dest.c_str(), n.total, sh.opened);
+        return EC_Normal;
+    }
+
     /* Runs the sub-operations. Returns a bad condition only when the requesting association
      * broke; *cancelled when a C-CANCEL arrived; comment gets the reason of a failure that
      * stopped everything (the destination could not be reached, say). */
@@ -1941,6 +2174,9 @@ class KpAssocSCP : public DcmThreadSCP
                 return EC_Normal;
             }
         }
+        if (op == KP_DICOM_MOVE && plan.associations > 1 && plan.items.size() > 1)
+            return s_run_move_parallel(pres_id, msg_id, sop_class, rq, dest, plan, std::move(sub),
+                                       n, cancelled, comment);
         T_ASC_Association *target = op == KP_DICOM_MOVE ? sub->assoc : m_assoc;
         for (size_t i = 0; i < plan.items.size(); i++) {
             const KpRetrieveItem &it = plan.items[i];
@@ -2074,34 +2310,93 @@ void s_wind_up(std::list<std::unique_ptr<Worker>> &workers)
 }
 
 /* A connection accepted by the loop whose association request has not fully arrived yet. The
- * loop hands it to DCMTK only once the whole first PDU is in the socket's receive buffer (the
- * A-ASSOCIATE-RQ; on the TLS port, the first TLS record, the ClientHello), so that reading it
- * never blocks the loop: a peer that connects and stays silent, or trickles its request, only
- * occupies a slot here until acse_timeout, while others are accepted and served. */
+ * loop hands it to DCMTK only once the whole A-ASSOCIATE-RQ is in the socket's receive buffer
+ * (on the TLS port: once the loop has completed the TLS handshake itself, non-blocking, and the
+ * request is readable through it), so that nothing DCMTK then reads blocks the loop: a peer
+ * that connects and stays silent, stalls in the middle of the handshake, or trickles its
+ * request only occupies a slot here until acse_timeout, while others are accepted and served. */
 struct Pending {
     int fd;
     bool secure;
     std::chrono::steady_clock::time_point deadline;
     std::string peer;
+    SSL *ssl = nullptr;      /* TLS port: the connection being set up (owned until handed over) */
+    short events = POLLIN;   /* what the handshake waits for */
+    bool handshaken = false; /* TLS handshake complete */
+    std::chrono::steady_clock::time_point since; /* when it completed */
 };
 
-/* 1 when the first PDU (or TLS record) is complete in the receive buffer, 0 not yet, -1 when
- * the peer closed or the socket failed. */
-int s_first_pdu_ready(const Pending &p)
+void s_pending_close(Pending &p)
 {
+    if (p.ssl) SSL_free(p.ssl); /* the socket BIO does not close the descriptor */
+    p.ssl = nullptr;
+    close(p.fd);
+}
+
+/* The size of a PDU whose first bytes are head (type, reserved, 4-byte length): a request
+ * larger than 64 KiB is refused by DCMTK anyway, so it is handed over once that much is in. */
+size_t s_pdu_need(const unsigned char head[6])
+{
+    const size_t len = static_cast<size_t>(head[2]) << 24 | static_cast<size_t>(head[3]) << 16 |
+                       static_cast<size_t>(head[4]) << 8 | head[5];
+    return 6 + (len < 65536 ? len : 65536);
+}
+
+/* TLS port: advances the handshake; once it is complete, 1 when the A-ASSOCIATE-RQ can be read
+ * through it. A request sent in several TLS records is only seen one record at a time, so one
+ * whose first record has arrived is handed over 2 s after the handshake at the latest. */
+int s_tls_ready(Pending &p, std::chrono::steady_clock::time_point now)
+{
+    if (!p.handshaken) {
+        ERR_clear_error();
+        const int r = SSL_do_handshake(p.ssl);
+        if (r != 1) {
+            const int e = SSL_get_error(p.ssl, r);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+                p.events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+                return 0;
+            }
+            char why[256] = "connection closed";
+            const unsigned long ec = ERR_get_error();
+            if (ec) ERR_error_string_n(ec, why, sizeof why);
+            kp_warn(CAT, "TLS handshake with %s failed: %s", p.peer.c_str(), why);
+            ERR_clear_error();
+            return -1;
+        }
+        p.handshaken = true;
+        p.since = now;
+        p.events = POLLIN;
+    }
+    static thread_local std::vector<unsigned char> buf;
+    if (buf.size() < 6 + 65536) buf.resize(6 + 65536);
+    ERR_clear_error();
+    int n = SSL_peek(p.ssl, buf.data(), 6);
+    if (n >= 6) n = SSL_peek(p.ssl, buf.data(), static_cast<int>(s_pdu_need(buf.data())));
+    if (n <= 0) {
+        const int e = SSL_get_error(p.ssl, n);
+        ERR_clear_error();
+        if (e == SSL_ERROR_WANT_READ) return 0;
+        if (e == SSL_ERROR_WANT_WRITE) {
+            p.events = POLLOUT;
+            return 0;
+        }
+        return -1; /* closed, or broken */
+    }
+    if (n >= 6 && static_cast<size_t>(n) >= s_pdu_need(buf.data())) return 1;
+    return now - p.since >= std::chrono::seconds(2) ? 1 : 0;
+}
+
+/* 1 when the first PDU is complete in the receive buffer (TLS: see s_tls_ready), 0 not yet, -1
+ * when the peer closed, the socket failed or the TLS handshake failed. */
+int s_first_pdu_ready(Pending &p, std::chrono::steady_clock::time_point now)
+{
+    if (p.ssl) return s_tls_ready(p, now);
     unsigned char head[6];
-    const size_t hlen = p.secure ? 5 : 6;
-    ssize_t n = recv(p.fd, head, hlen, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = recv(p.fd, head, 6, MSG_PEEK | MSG_DONTWAIT);
     if (n == 0) return -1;
     if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
-    if (static_cast<size_t>(n) < hlen) return 0;
-    /* PDU: type, reserved, 4-byte length; TLS record: type, version (2), 2-byte length */
-    size_t len = p.secure
-                     ? (static_cast<size_t>(head[3]) << 8 | head[4])
-                     : (static_cast<size_t>(head[2]) << 24 | static_cast<size_t>(head[3]) << 16 |
-                        static_cast<size_t>(head[4]) << 8 | head[5]);
-    /* a request larger than this is refused by DCMTK anyway: hand it over once this much is in */
-    size_t need = hlen + (len < 65536 ? len : 65536);
+    if (n < 6) return 0;
+    const size_t need = s_pdu_need(head);
     static thread_local std::vector<unsigned char> buf;
     if (buf.size() < need) buf.resize(need);
     n = recv(p.fd, buf.data(), need, MSG_PEEK | MSG_DONTWAIT);
@@ -2169,7 +2464,8 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
     }
 
     /* declared before the networks and the workers so that they outlive both */
-    std::unique_ptr<DcmTLSTransportLayer> server_tls, client_tls;
+    std::unique_ptr<KpTLSLayer> server_tls;
+    std::unique_ptr<DcmTLSTransportLayer> client_tls;
     T_ASC_Network *net = nullptr, *tnet = nullptr;
     std::atomic<bool> abort{false};
     std::list<std::unique_ptr<Worker>> workers;
@@ -2241,7 +2537,7 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
             pfd.push_back({lfd, POLLIN, 0});
             pfd.push_back({tfd, POLLIN, 0}); /* -1 without TLS: poll ignores it */
             for (const Pending &p : pending)
-                pfd.push_back({p.fd, POLLIN, 0});
+                pfd.push_back({p.fd, p.events, 0});
             int wait_ms = 250;
             const auto now = std::chrono::steady_clock::now();
             for (const Pending &p : pending) {
@@ -2266,51 +2562,79 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
                             "too many connections without an association request: "
                             "dropping the oldest, from %s",
                             pending.front().peer.c_str());
-                    close(pending.front().fd);
+                    s_pending_close(pending.front());
                     pending.erase(pending.begin());
                 }
-                pending.push_back(
-                    {fd, i == 1,
-                     std::chrono::steady_clock::now() + std::chrono::seconds(cfg.acse_timeout),
-                     s_peer_name(fd)});
+                Pending np;
+                np.fd = fd;
+                np.secure = i == 1;
+                np.deadline =
+                    std::chrono::steady_clock::now() + std::chrono::seconds(cfg.acse_timeout);
+                np.peer = s_peer_name(fd);
+                if (np.secure) {
+                    /* the handshake is ours, non-blocking; DCMTK gets the finished SSL */
+                    np.ssl = SSL_new(server_tls->getNativeHandle());
+                    if (!np.ssl || !SSL_set_fd(np.ssl, fd) ||
+                        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
+                        kp_warn(CAT, "TLS connection from %s: cannot set up (OpenSSL)",
+                                np.peer.c_str());
+                        s_pending_close(np);
+                        continue;
+                    }
+                    SSL_set_accept_state(np.ssl);
+                }
+                pending.push_back(std::move(np));
             }
             /* 2. pick one connection whose request is complete; drop the dead and the late */
             int ready_fd = -1;
             bool secure = false;
+            SSL *ready_ssl = nullptr;
             const auto t = std::chrono::steady_clock::now();
             for (size_t i = 0; i < pending.size();) {
-                int r = s_first_pdu_ready(pending[i]);
+                int r =
+                    ready_fd < 0 || !pending[i].handshaken ? s_first_pdu_ready(pending[i], t) : 0;
                 if (r == 0 && t >= pending[i].deadline) {
                     kp_warn(CAT,
-                            "closing a connection from %s: no complete association request "
-                            "within %d s (dicom.acse_timeout)",
-                            pending[i].peer.c_str(), cfg.acse_timeout);
+                            "closing a connection from %s: no complete %s within %d s "
+                            "(dicom.acse_timeout)",
+                            pending[i].peer.c_str(),
+                            pending[i].ssl && !pending[i].handshaken ? "TLS handshake"
+                                                                     : "association request",
+                            cfg.acse_timeout);
                     r = -1;
                 }
                 if (r < 0) {
-                    close(pending[i].fd);
+                    s_pending_close(pending[i]);
                     pending.erase(pending.begin() + static_cast<long>(i));
                     continue;
                 }
                 if (r == 1 && ready_fd < 0) {
                     ready_fd = pending[i].fd;
                     secure = pending[i].secure;
+                    ready_ssl = pending[i].ssl;
                     pending.erase(pending.begin() + static_cast<long>(i));
                     continue;
                 }
                 i++;
             }
             if (ready_fd < 0) continue;
+            if (ready_ssl) /* DCMTK reads and writes blocking, bounded by the socket timeouts */
+                (void)fcntl(ready_fd, F_SETFL, fcntl(ready_fd, F_GETFL) & ~O_NONBLOCK);
             /* 3. DCMTK takes the connection as if it had accepted it (its "inetd" mode): the
              * request is already buffered, so this does not wait on the peer. Only this thread
              * sets the handle, and only around this call. */
             T_ASC_Association *assoc = nullptr;
             dcmExternalSocketHandle.set(ready_fd);
-            /* for TLS this also runs the handshake: a client whose certificate does not verify
-             * fails here, before any DICOM is exchanged */
+            /* TLS: the connection DCMTK makes wraps our finished SSL (KpTLSLayer); a client
+             * whose certificate did not verify never got this far */
+            if (ready_ssl) server_tls->handoff = ready_ssl;
             c = ASC_receiveAssociation(secure ? tnet : net, &assoc, cfg.max_pdu, nullptr, nullptr,
                                        secure ? OFTrue : OFFalse, DUL_NOBLOCK, 1);
             dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+            if (server_tls && server_tls->handoff) { /* not taken (DCMTK failed before) */
+                SSL_free(server_tls->handoff);
+                server_tls->handoff = nullptr;
+            }
             if (c.bad()) {
                 kp_warn(CAT, "receiving an association request%s failed: %s",
                         secure ? " on the TLS port" : "", c.text());
@@ -2362,8 +2686,8 @@ extern "C" int kp_dicom_scp_run(const kp_dicom_scp_config_t *in)
             }
             workers.push_back(std::move(w));
         }
-        for (const Pending &p : pending)
-            close(p.fd);
+        for (Pending &p : pending)
+            s_pending_close(p);
         kp_info(CAT, "storage SCP stopping: waiting for %zu association(s)", workers.size());
         s_wind_up(workers);
         ASC_dropNetwork(&net);

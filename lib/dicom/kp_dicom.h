@@ -197,6 +197,12 @@ int kp_dicom_retrieve_set_destination(kp_dicom_retrieve_plan_t *plan, const char
  * tls settings as the client side). Without kp_dicom_scp_config_t tls_client set up, such a
  * C-MOVE fails its sub-operations with a clear comment. */
 void kp_dicom_retrieve_set_tls(kp_dicom_retrieve_plan_t *plan, int tls);
+/* C-MOVE: how many associations to the destination the sub-operations may use at once (1 to
+ * 16; default 1, one after another over one association). With n > 1 the first association is
+ * opened as usual and up to n - 1 more are opened alongside it; each sends the next instance
+ * of the plan as soon as it is free. One the destination refuses or does not answer is left
+ * out: the others carry on. Values outside 1..16 are clamped. */
+void kp_dicom_retrieve_set_associations(kp_dicom_retrieve_plan_t *plan, int n);
 /* Error Comment (0000,0902) sent with a refusal (at most 64 characters are kept). */
 void kp_dicom_retrieve_set_comment(kp_dicom_retrieve_plan_t *plan, const char *text);
 

@@ -25,6 +25,19 @@ def test_registry_and_echo(cluster):
         assert "KLINIKA" in out and "our own dicomd" in out
         line = next(l for l in out.splitlines() if l.startswith("CT_SCANNER_2"))
         assert "store" in line and "find" not in line and "retrieve" not in line and " yes " in line
+        assert line.split()[4:6] == ["yes", "1"], line  # tls; moves: 1 per C-MOVE by default
+        r = s.pacsctl("ae", "add", "PARALLEL_WS", "--host", "ws.example", "--port", "104",
+                      "--move-associations", "4")
+        line = next(l for l in s.pacsctl("ae", "list").stdout.splitlines()
+                    if l.startswith("PARALLEL_WS"))
+        assert line.split()[6:8] == ["no", "4"], line  # tls, moves
+        for bad in ("0", "17", "four", ""):
+            r = s.pacsctl("ae", "add", "PARALLEL_WS", "--host", "ws.example", "--port", "104",
+                          "--move-associations", bad, check=False)
+            assert r.returncode == 2 and "--move-associations must be 1 to 16" in r.stderr, bad
+        assert s.sql("SELECT move_associations FROM modalities WHERE ae_title = 'PARALLEL_WS'") \
+            == [(4,)]
+        s.pacsctl("ae", "remove", "PARALLEL_WS")
         # updating keeps one row
         assert "updated KLINIKA" in s.pacsctl("ae", "add", "KLINIKA", "--host", "127.0.0.1", "--port",
                                            str(s.port)).stdout

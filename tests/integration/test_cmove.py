@@ -337,6 +337,72 @@ def test_move_large_study(qr):
     assert len(dest.files()) == BULK
 
 
+# ---- C-MOVE over several associations ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def forking_dest(qr):
+    """A storescp that serves every association in its own process (--fork), registered as
+    PARDEST with --move-associations 4."""
+    d = Dest(qr.env, "PARDEST", ("+xa", "+B", "--fork", "-v"))
+    qr.pacsctl("ae", "add", "PARDEST", "--host", "127.0.0.1", "--port", str(d.port),
+               "--move-associations", "4")
+    yield d
+    d.stop()
+
+
+def _associations_received(dest):
+    with open(os.path.join(dest.dir, "storescp.log"), "rb") as f:
+        return f.read().count(b"Association Received")
+
+
+def test_move_over_four_associations_as_stored(qr, forking_dest):
+    dest = forking_dest
+    dest.clear()
+    before = _associations_received(dest)
+    uids = [_DATA.study_uid("S1"), _DATA.study_uid("S2")]
+    r = movescu(qr, ["QueryRetrieveLevel=STUDY", "StudyInstanceUID=" + "\\".join(uids)],
+                dest="PARDEST")
+    assert r["status"] == 0, r["out"][-3000:]
+    assert r["completed"] == BULK + 5 and r["failed"] == 0 and r["pending"] >= 1
+    # every instance arrived exactly once, byte for byte as stored
+    assert_same_as_stored(qr, dest.files(), stored(qr, "st.study_uid IN (%s, %s)", *uids))
+    assert len(os.listdir(dest.out)) == BULK + 5
+    # ... over four associations: the destination saw them, and so did we
+    kp.wait_for(lambda: _associations_received(dest) - before >= 4, 10, "storescp's log")
+    assert _associations_received(dest) - before == 4
+    assert re.search(r"C-MOVE from MOVESCU to PARDEST: 305 instance\(s\) over 4 association",
+                     qr.log("pacs-dicomd"))
+
+
+def test_move_over_several_associations_cancel(qr, forking_dest):
+    dest = forking_dest
+    dest.clear()
+    uid = _DATA.study_uid("S2")
+    r = movescu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"], dest="PARDEST",
+                extra=["--cancel", "3"])
+    assert r["status"] == 0xFE00, r["out"][-3000:]
+    assert 3 <= r["completed"] < BULK and r["failed"] == 0
+    assert "Remaining Suboperations" in r["out"]
+    # what was reported completed did arrive (the ones in flight at the cancel may be more)
+    assert len(dest.files()) >= r["completed"]
+
+
+def test_move_associations_to_a_one_at_a_time_destination(qr):
+    """A destination that serves one association at a time (storescp without --fork) but is
+    registered for 3: the extra associations wait unanswered, the first carries everything, the
+    C-MOVE succeeds and every instance arrives once."""
+    dest = qr.dests["DEST"]
+    dest.clear()
+    qr.pacsctl("ae", "add", "SERIALDEST", "--host", "127.0.0.1", "--port", str(dest.port),
+               "--move-associations", "3")
+    uid = _DATA.study_uid("S1")
+    r = movescu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"], dest="SERIALDEST")
+    assert r["status"] == 0 and r["completed"] == 5 and r["failed"] == 0, r["out"][-3000:]
+    assert_same_as_stored(qr, dest.files(), stored(qr, "st.study_uid = %s", uid))
+    # the destination is usable right after (no association of ours left hanging on it)
+    r = movescu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"], dest="DEST")
+    assert r["status"] == 0 and r["completed"] == 5, r["out"][-3000:]
+
+
 # ---- C-GET -----------------------------------------------------------------------------------
 def test_get_series_level(qr):
     st, se = _DATA.study_uid("S1"), _DATA.series_uid("S1", 0)

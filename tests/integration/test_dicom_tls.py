@@ -286,3 +286,59 @@ def test_tls_misconfiguration_fails_clearly(cluster, pki):
         assert p.returncode != 0 and "does not match" in s.log("pacs-dicomd")
     finally:
         s.stop()
+
+
+def test_peer_stalling_in_the_tls_handshake_blocks_nobody(cluster, pki):
+    """A TLS peer that sends its ClientHello and then never answers the server's reply stalls in
+    the middle of the handshake. dicomd runs handshakes itself, non-blocking, so meanwhile C-ECHO
+    over TLS and over plain DICOM complete at once (before dicom.acse_timeout, 12 s here, which
+    is how long the staller could otherwise hold the accept loop, and well before
+    dicom.dimse_timeout, 60 s, which bounded a blocking handshake); the staller is closed after
+    acse_timeout."""
+    import socket
+    import ssl
+    import time
+    tls_port = kp.free_port()
+    s = kp.System(cluster, extra_env={
+        "KP_DICOM_TLS_PORT": str(tls_port), "KP_DICOM_TLS_CERT": pki("dicomd.crt"),
+        "KP_DICOM_TLS_KEY": pki("dicomd.key"), "KP_DICOM_TLS_CA": pki("ca.crt"),
+        "KP_DICOM_ACSE_TIMEOUT": "12", "KP_DICOM_DIMSE_TIMEOUT": "60"})
+    stallers = []
+    try:
+        s.pacsctl("ae", "add", "TLSSCU", "--host", "127.0.0.1", "--port", "104")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.load_cert_chain(pki("client.crt"), pki("client.key"))
+        for _ in range(2):
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.do_handshake()
+            sock = socket.create_connection(("127.0.0.1", tls_port), timeout=30)
+            sock.sendall(outgoing.read())  # the ClientHello; the server's answer is never read
+            stallers.append(sock)
+        time.sleep(0.5)  # the server has answered and now waits for the client's next flight
+        t0 = time.monotonic()
+        rc, out = _run(["echoscu", "-aet", "TLSSCU", "-aec", "KLINIKA", *_tls_opts(pki),
+                        "127.0.0.1", str(tls_port)], s.env, timeout=90)
+        assert rc == 0, out
+        assert s.echo(aet="PLAINWHILESTALLED")
+        assert time.monotonic() - t0 < 10, "served only after a stalled handshake timed out"
+        # the stallers are dropped at acse_timeout, with a clear line each
+        kp.wait_for(lambda: s.log("pacs-dicomd").count("no complete TLS handshake within 12 s")
+                    >= 2, 40, "the stalled handshakes to be closed")
+        for sock in stallers:
+            sock.settimeout(5)
+            try:
+                while sock.recv(65536):  # the server's flight, then end of stream
+                    pass
+            except ConnectionResetError:
+                pass
+        rc, out = _run(["echoscu", "-aet", "TLSSCU", "-aec", "KLINIKA", *_tls_opts(pki),
+                        "127.0.0.1", str(tls_port)], s.env)
+        assert rc == 0, out
+    finally:
+        for sock in stallers:
+            sock.close()
+        s.stop()

@@ -74,6 +74,7 @@ def test_crud_round_trip(gw):
     assert j["description"] == "CT room 1" and j["site"] == "default"
     assert j["allow_store"] is True and j["allow_find"] is False
     assert j["allow_retrieve"] is True and j["tls"] is False
+    assert j["move_associations"] == 1  # the default: one association per C-MOVE
     assert j["created_at"].endswith("Z")
 
     st, j = api(gw, "GET", "/api/modalities/CT_ROOM_1")
@@ -83,12 +84,15 @@ def test_crud_round_trip(gw):
 
     # PUT changes the members sent, keeps the others
     st, j = api(gw, "PUT", "/api/modalities/CT_ROOM_1",
-                {"port": 11112, "tls": True, "site": "", "allow_find": True})
+                {"port": 11112, "tls": True, "site": "", "allow_find": True,
+                 "move_associations": 4})
     assert st == 200, j
     assert j["port"] == 11112 and j["tls"] is True and j["site"] == "" and j["allow_find"] is True
     assert j["host"] == "ct1.example" and j["description"] == "CT room 1"
-    row = gw.sql("SELECT port, tls, site FROM modalities WHERE ae_title = 'CT_ROOM_1'")
-    assert row == [(11112, True, "")]
+    assert j["move_associations"] == 4
+    row = gw.sql("SELECT port, tls, site, move_associations FROM modalities "
+                 "WHERE ae_title = 'CT_ROOM_1'")
+    assert row == [(11112, True, "", 4)]
     # the same AE title in the body is accepted; another one is a rename: refused
     assert api(gw, "PUT", "/api/modalities/CT_ROOM_1", {"ae_title": "CT_ROOM_1"})[0] == 200
     st, j = api(gw, "PUT", "/api/modalities/CT_ROOM_1", {"ae_title": "CT_ROOM_9"})
@@ -137,6 +141,10 @@ def test_duplicate_and_unknown(gw):
     {"ae_title": "BAD_AE", "host": "h", "port": 104, "allow_store": 1},
     {"ae_title": "BAD_AE", "host": "h", "port": 104, "site": "no-such-site"},
     {"ae_title": "BAD_AE", "host": "h", "port": 104, "description": 7},
+    {"ae_title": "BAD_AE", "host": "h", "port": 104, "move_associations": 0},
+    {"ae_title": "BAD_AE", "host": "h", "port": 104, "move_associations": 17},
+    {"ae_title": "BAD_AE", "host": "h", "port": 104, "move_associations": "4"},
+    {"ae_title": "BAD_AE", "host": "h", "port": 104, "move_associations": 2.5},
 ])
 def test_validation(gw, body):
     st, j = api(gw, "POST", "/api/modalities", body)
@@ -148,9 +156,11 @@ def test_validation(gw, body):
 def test_validation_edges_accepted_and_put_checked(gw):
     # 16 characters with an inner space and the repertoire's punctuation; host of 253 bytes
     for ae, host, port in (("SIXTEEN_CHARS_AE", "h" * 253, 65535), ("A B+C*#", "x", 1)):
-        st, j = api(gw, "POST", "/api/modalities", {"ae_title": ae, "host": host, "port": port})
-        assert st == 201, (ae, j)
-    for b in ({"port": 0}, {"host": ""}, {"site": "nowhere"}, {"tls": None, "allow_find": "no"}):
+        st, j = api(gw, "POST", "/api/modalities", {"ae_title": ae, "host": host, "port": port,
+                                                    "move_associations": 16})
+        assert st == 201 and j["move_associations"] == 16, (ae, j)
+    for b in ({"port": 0}, {"host": ""}, {"site": "nowhere"}, {"tls": None, "allow_find": "no"},
+              {"move_associations": 0}, {"move_associations": 17}):
         st, j = api(gw, "PUT", "/api/modalities/SIXTEEN_CHARS_AE", b)
         assert st == 400 and j["error"]["code"] == "invalid_argument", (b, st, j)
     assert gw.sql("SELECT port FROM modalities WHERE ae_title = 'SIXTEEN_CHARS_AE'") == [(65535,)]

@@ -2,7 +2,10 @@
  *
  *   pacsctl ae list
  *   pacsctl ae add AE --host H --port P [--description D] [--site S]
- *                     [--no-store] [--no-find] [--no-retrieve] [--tls]   (adds, or updates)
+ *                     [--no-store] [--no-find] [--no-retrieve] [--tls]
+ *                     [--move-associations N]                            (adds, or updates)
+ *                           N (1..16, default 1): associations a C-MOVE to this AE may use
+ *                           at once (schema/0010_move_associations.sql)
  *   pacsctl ae remove AE
  *   pacsctl ae echo AE      C-ECHO from our AE title to the registered peer (over DICOM TLS
  *                           when it is registered with --tls: our certificate dicom.tls_cert /
@@ -37,16 +40,16 @@ static int s_list(kp_db_t *db)
             db, &r,
             "SELECT ae_title, host, port, CASE WHEN allow_store THEN 'store ' ELSE '' END || "
             "CASE WHEN allow_find THEN 'find ' ELSE '' END || CASE WHEN allow_retrieve "
-            "THEN 'retrieve' ELSE '' END, CASE WHEN tls THEN 'yes' ELSE 'no' END, site, "
-            "description FROM modalities ORDER BY ae_title",
+            "THEN 'retrieve' ELSE '' END, CASE WHEN tls THEN 'yes' ELSE 'no' END, "
+            "move_associations, site, description FROM modalities ORDER BY ae_title",
             0, NULL))
         return 1;
-    printf("%-16s %-24s %-6s %-22s %-4s %-12s %s\n", "AE title", "host", "port", "allowed", "tls",
-           "site", "description");
+    printf("%-16s %-24s %-6s %-22s %-4s %-5s %-12s %s\n", "AE title", "host", "port", "allowed",
+           "tls", "moves", "site", "description");
     for (int i = 0; i < PQntuples(r); i++)
-        printf("%-16s %-24s %-6s %-22s %-4s %-12s %s\n", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
-               PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4), PQgetvalue(r, i, 5),
-               PQgetvalue(r, i, 6));
+        printf("%-16s %-24s %-6s %-22s %-4s %-5s %-12s %s\n", PQgetvalue(r, i, 0),
+               PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4),
+               PQgetvalue(r, i, 5), PQgetvalue(r, i, 6), PQgetvalue(r, i, 7));
     if (!PQntuples(r)) printf("(no modality registered: pacsctl ae add AE --host H --port P)\n");
     PQclear(r);
     return 0;
@@ -56,6 +59,7 @@ static int s_add(kp_db_t *db, int argc, char **argv)
 {
     const char *ae = argv[0], *host = NULL, *port = NULL, *desc = "", *site = "";
     const char *store = "true", *find = "true", *retrieve = "true", *tls = "false";
+    const char *nassoc = "1";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--host") && i + 1 < argc)
             host = argv[++i];
@@ -73,6 +77,8 @@ static int s_add(kp_db_t *db, int argc, char **argv)
             retrieve = "false";
         else if (!strcmp(argv[i], "--tls"))
             tls = "true";
+        else if (!strcmp(argv[i], "--move-associations") && i + 1 < argc)
+            nassoc = argv[++i];
         else {
             fprintf(stderr, "pacsctl: ae add: unknown or incomplete option '%s'\n", argv[i]);
             return 2;
@@ -84,22 +90,26 @@ static int s_add(kp_db_t *db, int argc, char **argv)
     if (!why && (!host || !*host || strlen(host) > 253))
         why = "--host is required (name or address)";
     if (!why && (!port || *end || p < 1 || p > 65535)) why = "--port must be 1 to 65535";
+    long na = strtol(nassoc, &end, 10);
+    if (!why && (!*nassoc || *end || na < 1 || na > 16))
+        why = "--move-associations must be 1 to 16";
     if (why) {
         fprintf(stderr, "pacsctl: ae add: %s\n", why);
         return 2;
     }
-    const char *params[] = {ae, host, port, desc, site, store, find, retrieve, tls};
+    const char *params[] = {ae, host, port, desc, site, store, find, retrieve, tls, nassoc};
     PGresult *r = NULL;
     if (kp_db_exec(db, &r,
                    "INSERT INTO modalities (ae_title, host, port, description, site, allow_store, "
-                   "allow_find, allow_retrieve, tls) VALUES ($1, $2, $3::int, $4, $5, $6::boolean, "
-                   "$7::boolean, $8::boolean, $9::boolean) ON CONFLICT (ae_title) DO UPDATE SET "
+                   "allow_find, allow_retrieve, tls, move_associations) VALUES ($1, $2, $3::int, "
+                   "$4, $5, $6::boolean, $7::boolean, $8::boolean, $9::boolean, $10::smallint) ON "
+                   "CONFLICT (ae_title) DO UPDATE SET "
                    "host = EXCLUDED.host, port = EXCLUDED.port, description = "
                    "EXCLUDED.description, site = EXCLUDED.site, allow_store = "
                    "EXCLUDED.allow_store, allow_find = EXCLUDED.allow_find, allow_retrieve = "
-                   "EXCLUDED.allow_retrieve, tls = EXCLUDED.tls, updated_at = now() RETURNING "
-                   "(xmax = 0)",
-                   9, params))
+                   "EXCLUDED.allow_retrieve, tls = EXCLUDED.tls, move_associations = "
+                   "EXCLUDED.move_associations, updated_at = now() RETURNING (xmax = 0)",
+                   10, params))
         return 1;
     printf("%s %s (%s:%s)\n", PQgetvalue(r, 0, 0)[0] == 't' ? "added" : "updated", ae, host, port);
     PQclear(r);
