@@ -26,6 +26,7 @@ typedef struct kp_ingest_pending {
     char rid[40];    /* request id, or "" */
     int rc;          /* result, valid once done */
     bool done;
+    bool no_job; /* nothing to record: the instance is indexed at its compressed copy */
     struct kp_ingest_pending *next;
 } s_pending_t;
 
@@ -266,17 +267,45 @@ int kp_ingest_prepare(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_resu
      * copy of a stored instance is compared, byte for byte. */
     char *dst = kp_storage_abspath(g->st, p->rel);
     bool exists = stat(dst, &sb) == 0;
-    bool identical = exists && (int64_t)sb.st_size == p->size &&
-                     kp_storage_same_content(dst, req->tmp_path) == 1;
+    int64_t dst_size = exists ? (int64_t)sb.st_size : -1;
+    bool identical =
+        exists && dst_size == p->size && kp_storage_same_content(dst, req->tmp_path) == 1;
+    /* An instance pacs-compressor compressed lives in a file of another name, and the file at
+     * its path is removed (after compress.unlink_grace): the original's note, left there by the
+     * compressor before it switched the index (kp_storage.h), tells its size and SHA-256. Why a
+     * file and not the index: a new instance - nearly every one - costs one open() that fails
+     * with ENOENT in the directory just looked up, where a query would cost a database round
+     * trip on the acknowledgement path. The note is only believed when it can be true: with no
+     * file at the path (removed only after the switch committed), or when that file is the very
+     * original it describes (still waiting for its removal, or the switch never happened); next
+     * to another file (replaced since; a compressor that lost a race) it is stale and ignored.
+     * The instance's content is hashed only when the note's size matches. */
+    int64_t orig_size = -1;
+    char orig_sha[65];
+    int note = kp_storage_original_read(g->st, sop, &orig_size, orig_sha);
+    bool compressed =
+        note == 1 &&
+        (!exists || (dst_size == orig_size && kp_storage_file_is(dst, orig_size, orig_sha) == 1));
     free(dst);
+    if (compressed && !exists) {
+        exists = true;
+        identical =
+            p->size == orig_size && kp_storage_file_is(req->tmp_path, orig_size, orig_sha) == 1;
+    }
     const char *policy = g->cfg->storage_duplicate_policy;
     if (identical) {
-        /* Same content again: nothing to write, but still make sure it is indexed. */
+        /* Same content again: nothing to write, but still make sure it is indexed - unless it
+         * is the original of a compressed instance: that is indexed already (at its compressed
+         * copy, or, when the switch never happened, at this very original), and an index job
+         * for this path would put the index back on an original being removed, or on nothing. */
         unlink(req->tmp_path);
         res->identical = true;
-        kp_info("store", "%s from %s: identical copy already stored", sop, src);
+        p->no_job = compressed;
+        kp_info("store", "%s from %s: identical copy already stored%s", sop, src,
+                compressed ? " (compressed)" : "");
     } else if (exists && !strcasecmp(policy, "keep")) {
         unlink(req->tmp_path);
+        p->no_job = compressed;
         kp_warn("store", "%s from %s differs from the stored copy; kept the first (policy keep)",
                 sop, src);
     } else if (exists && !strcasecmp(policy, "reject")) {
@@ -290,6 +319,10 @@ int kp_ingest_prepare(kp_ingest_t *g, const kp_ingest_req_t *req, kp_ingest_resu
     } else {
         if (exists)
             kp_warn("store", "%s from %s differs from the stored copy; replacing it", sop, src);
+        /* A note goes before the new file takes the path: once the new file is there, the note
+         * (of another original) must not describe it, even after a crash in between. The
+         * compressed copy the index leaves is retired by pacs-compressor. */
+        if (note == 1 && (rc = kp_storage_original_remove(g->st, sop))) goto fail;
         if ((rc = kp_storage_commit(g->st, req->tmp_path, p->rel, true))) goto fail;
     }
     *out = p;
@@ -314,16 +347,23 @@ int kp_ingest_commit(kp_ingest_t *g, kp_ingest_pending_t **ps, size_t n, int *rc
             ps[i]->done = true;
         }
     } else {
+        bool queued = false;
         for (size_t i = 0; i < n; i++) {
             s_pending_t *p = ps[i];
+            if (p->no_job) { /* durable and indexed already: nothing to commit */
+                p->rc = 0;
+                p->done = true;
+                continue;
+            }
             p->next = NULL;
             if (g->tail)
                 g->tail->next = p;
             else
                 g->head = p;
             g->tail = p;
+            queued = true;
         }
-        pthread_cond_signal(&g->work);
+        if (queued) pthread_cond_signal(&g->work);
     }
     for (size_t i = 0; i < n; i++)
         while (!ps[i]->done)
@@ -341,7 +381,8 @@ int kp_ingest_commit(kp_ingest_t *g, kp_ingest_pending_t **ps, size_t n, int *rc
             if (!first) first = p->rc;
         } else {
             __atomic_add_fetch(&g->stored, 1, __ATOMIC_RELAXED);
-            kp_debug("store", "%s from %s stored as %s", p->sop, p->ae, p->rel);
+            kp_debug("store", "%s from %s %s %s", p->sop, p->ae,
+                     p->no_job ? "stored already, compressed; was" : "stored as", p->rel);
         }
         free(p);
         ps[i] = NULL;

@@ -60,7 +60,11 @@ typedef struct kp_ingest_result {
  * (not a readable data set, Study/Series UID missing), KP_EMISMATCH (SOP UID differs from
  * expected_sop, or the study from expected_study), KP_EDUPLICATE (a different instance with this
  * SOP UID exists and storage.duplicate_policy is reject), KP_EIO, KP_EDB, KP_EAGAIN (stopping).
- * The temp file is gone afterwards in every case. */
+ * The temp file is gone afterwards in every case. "Exists" and "identical" refer to the instance
+ * as it was received, also after pacs-compressor replaced its file by a compressed copy (the
+ * original's note, kp_storage.h): such a copy sent again is identical, and when nothing is
+ * written for it (identical, or policy keep) no outbox row is needed either - it is indexed at
+ * its compressed copy already - so it is acknowledged without a commit. */
 int kp_ingest_store(kp_ingest_t *ing, const kp_ingest_req_t *req, kp_ingest_result_t *res);
 
 /* The same in two steps, so that a caller with several instances (a STOW-RS request) gets them

@@ -168,9 +168,10 @@ int kp_storage_sync_dir(kp_storage_t *st, const char *rel)
     return rc;
 }
 
-int kp_storage_commit(kp_storage_t *st, const char *tmp_path, const char *rel, bool defer_dir_sync)
+/* kp_storage_commit for a relative path of the aa/bb/<64 hex>.<ext> shape, checked by the
+ * caller. */
+static int s_commit(kp_storage_t *st, const char *tmp_path, const char *rel, bool defer_dir_sync)
 {
-    if (!kp_storage_relpath_valid(rel)) return KP_EINVAL;
     int rc = kp_storage_fsync_path(st, tmp_path);
     if (rc) return rc;
     char *dst = kp_storage_abspath(st, rel);
@@ -195,6 +196,12 @@ fail:
     kp_error("storage", "cannot store %s: %s", rel, strerror(errno));
     free(dst);
     return KP_EIO;
+}
+
+int kp_storage_commit(kp_storage_t *st, const char *tmp_path, const char *rel, bool defer_dir_sync)
+{
+    if (!kp_storage_relpath_valid(rel)) return KP_EINVAL;
+    return s_commit(st, tmp_path, rel, defer_dir_sync);
 }
 
 int kp_storage_tmpfile(kp_storage_t *st, char **path)
@@ -304,6 +311,93 @@ done:
     if (fa >= 0) close(fa);
     if (fb >= 0) close(fb);
     return rc;
+}
+
+/* ---- the original's note (see kp_storage.h) ------------------------------------------------ */
+
+/* "klinika-original 1 <size> <sha256>\n": a version, so a later format is recognised. */
+#define S_NOTE_MAGIC "klinika-original 1 "
+
+void kp_storage_original_relpath(const char *sop_uid, char out[KP_STORAGE_RELPATH_MAX])
+{
+    kp_storage_relpath(sop_uid, out);
+    snprintf(out + 70, KP_STORAGE_RELPATH_MAX - 70, ".orig");
+}
+
+static bool s_is_sha256(const char *s)
+{
+    return strlen(s) == 64 && strspn(s, "0123456789abcdef") == 64;
+}
+
+int kp_storage_original_write(kp_storage_t *st, const char *sop_uid, int64_t size,
+                              const char *sha256)
+{
+    if (size < 0 || !s_is_sha256(sha256)) return KP_EINVAL;
+    char rel[KP_STORAGE_RELPATH_MAX], text[128], *tmp = NULL;
+    kp_storage_original_relpath(sop_uid, rel);
+    int len = snprintf(text, sizeof text, S_NOTE_MAGIC "%lld %s\n", (long long)size, sha256);
+    int fd = kp_storage_tmpfile(st, &tmp);
+    if (fd < 0) return fd;
+    int rc = write(fd, text, (size_t)len) == len ? 0 : KP_EIO;
+    close(fd);
+    if (!rc) rc = s_commit(st, tmp, rel, false); /* fsync, rename, directory fsync */
+    if (rc) {
+        kp_error("storage", "cannot write %s: %s", rel, strerror(errno));
+        unlink(tmp);
+    }
+    free(tmp);
+    return rc;
+}
+
+int kp_storage_original_read(kp_storage_t *st, const char *sop_uid, int64_t *size, char sha256[65])
+{
+    char rel[KP_STORAGE_RELPATH_MAX], path[PATH_MAX], text[129];
+    kp_storage_original_relpath(sop_uid, rel);
+    snprintf(path, sizeof path, "%s/%s", st->root, rel);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) return 0;
+        kp_error("storage", "cannot open %s: %s", path, strerror(errno));
+        return KP_EIO;
+    }
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    text[n > 0 ? n : 0] = 0;
+    long long sz = -1;
+    char hex[65] = "";
+    size_t ml = strlen(S_NOTE_MAGIC);
+    if (n <= 0 || strncmp(text, S_NOTE_MAGIC, ml) ||
+        sscanf(text + ml, "%lld %64[0-9a-f]", &sz, hex) != 2 || sz < 0 || !s_is_sha256(hex)) {
+        kp_error("storage", "%s is not a note of an original (ignored)", path);
+        return KP_EIO;
+    }
+    *size = sz;
+    memcpy(sha256, hex, 65);
+    return 1;
+}
+
+int kp_storage_original_remove(kp_storage_t *st, const char *sop_uid)
+{
+    char rel[KP_STORAGE_RELPATH_MAX], path[PATH_MAX];
+    kp_storage_original_relpath(sop_uid, rel);
+    snprintf(path, sizeof path, "%s/%s", st->root, rel);
+    if (unlink(path)) {
+        if (errno == ENOENT) return 0;
+        kp_error("storage", "cannot remove %s: %s", path, strerror(errno));
+        return KP_EIO;
+    }
+    return kp_storage_sync_dir(st, rel);
+}
+
+int kp_storage_file_is(const char *path, int64_t size, const char *sha256)
+{
+    struct stat sb;
+    if (stat(path, &sb)) return KP_EIO;
+    if ((int64_t)sb.st_size != size) return 0;
+    char hex[65];
+    int64_t got = 0;
+    if (kp_storage_sha256_file(path, hex, &got)) return KP_EIO;
+    return got == size && !strcmp(hex, sha256);
 }
 
 static bool s_is_hex2(const char *n)

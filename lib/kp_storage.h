@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* "aa/bb/" + 64 hex + ".dcm" + NUL */
+/* "aa/bb/" + 64 hex + ".dcm" (or ".orig") + NUL */
 #define KP_STORAGE_RELPATH_MAX 80
 
 typedef struct kp_storage kp_storage_t;
@@ -51,6 +51,30 @@ int kp_storage_tmpfile(kp_storage_t *st, char **path);
 int kp_storage_sha256_file(const char *path, char hex[65], int64_t *size);
 /* 1 when the two files have the same bytes, 0 when they differ, KP_EIO when one is unreadable. */
 int kp_storage_same_content(const char *a, const char *b);
+/* The original's note. pacs-compressor moves a compressed instance to a file of its own name
+ * and then removes the file at the instance's path (kp_storage_relpath), so the ingest's
+ * duplicate check - a comparison with that file - would find nothing. Before it switches the
+ * index, the compressor therefore leaves at aa/bb/<h>.orig (next to where the original was) a
+ * few bytes of text: the size and SHA-256 of the file it compressed, i.e. of the instance as it
+ * was received. kp_ingest looks for it with every instance it receives (one open() that fails
+ * at once for a new one) and compares a second copy with it (see kp_ingest.c for when it is
+ * believed); a replacing copy removes it. The name is not an instance's (kp_storage_walk, so
+ * `pacsctl reindex`, skips it); backups copy and restore it like any stored file.
+ * Path of the note of the instance with this SOP Instance UID (aa/bb/<h>.orig). */
+void kp_storage_original_relpath(const char *sop_uid, char out[KP_STORAGE_RELPATH_MAX]);
+/* Writes the note durably (temp file, fsync, rename, directory fsync), replacing one that is
+ * there: size and sha256 (64 lower-case hex digits) of the original. 0, KP_EINVAL (not a
+ * digest) or KP_EIO. */
+int kp_storage_original_write(kp_storage_t *st, const char *sop_uid, int64_t size,
+                              const char *sha256);
+/* Reads the note: 1 and *size, sha256 set; 0 when there is none; KP_EIO when it cannot be read
+ * or is not a note (logged). One open() that fails at once when there is none. */
+int kp_storage_original_read(kp_storage_t *st, const char *sop_uid, int64_t *size, char sha256[65]);
+/* Removes the note durably (unlink, directory fsync). 0 (also when there was none) or KP_EIO. */
+int kp_storage_original_remove(kp_storage_t *st, const char *sop_uid);
+/* 1 when the file at path has this size and SHA-256, 0 when not, KP_EIO when unreadable. */
+int kp_storage_file_is(const char *path, int64_t size, const char *sha256);
+
 /* Calls fn(user, rel) for every stored file under root (in directory order), stopping when fn
  * returns non-zero (that value is returned). Temp files are skipped. */
 int kp_storage_walk(kp_storage_t *st, int (*fn)(void *user, const char *rel), void *user);

@@ -386,3 +386,247 @@ def test_kill_9_during_compression_loses_nothing(cluster, tmp_path):
         assert not s.sql("SELECT id FROM jobs WHERE type = 'compress' AND state <> 'done'")
     finally:
         s.stop()
+
+
+# ---- part 3: the same instance sent again after it was compressed ---------------------------
+#
+# The stored original is gone once its compressed copy took its place, so a second copy can no
+# longer be compared with the file at the instance's storage path: the compressor leaves a small
+# note of the original's size and SHA-256 there instead (kp_storage_original_*), and the ingest
+# recognises an identical copy by it and applies storage.duplicate_policy to a different one.
+
+def write_ct(path, sop, name="Dup^Check", series="1"):
+    """One small CT image (12 bits, smooth: it compresses) with the given SOP Instance UID."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    yy, xx = np.mgrid[0:64, 0:64]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ELE
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop
+    ds.StudyInstanceUID = f"{UID_ROOT}.600"
+    ds.SeriesInstanceUID = f"{UID_ROOT}.600.{series}"
+    ds.PatientName, ds.PatientID, ds.Modality = name, "DUP1", "CT"
+    ds.InstanceNumber = 1
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    img = 1000 + 800 * np.sin(xx / 9.0) * np.cos(yy / 7.0)
+    ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(str(path), write_like_original=False)
+    return str(path)
+
+
+def canonical(system, sop):
+    """The instance's own storage path (kp_storage_relpath: the SHA-256 of its UID)."""
+    h = hashlib.sha256(sop.encode()).hexdigest()
+    return os.path.join(system.env["KP_STORAGE_ROOT"], h[:2], h[2:4], h + ".dcm")
+
+
+def instance_row(system, sop):
+    rows = system.sql("SELECT path, file_size, file_sha256, transfer_syntax_uid, updated_at, "
+                      "metadata->'00100010'->'Value'->0->>'Alphabetic' FROM instances WHERE "
+                      "sop_uid = %s", (sop,))
+    return rows[0] if rows else None
+
+
+def index_jobs(system, sop):
+    return system.sql("SELECT count(*) FROM jobs WHERE type = 'index' AND payload->>'sop' = %s",
+                      (sop,))[0][0]
+
+
+def wait_compressed(system, sop, timeout=60):
+    """Waits until sop is indexed at its compressed copy and the original is removed; returns
+    the index row."""
+    def done():
+        row = instance_row(system, sop)
+        dec = system.sql("SELECT after_sha256 FROM compression WHERE sop_uid = %s AND outcome = "
+                         "'compressed'", (sop,))
+        due = system.sql("SELECT 1 FROM storage_orphans WHERE not_before <= now()")
+        return (row if row and dec and dec[0][0] == row[2] and row[3] == JLS and not due
+                and not os.path.exists(canonical(system, sop)) else None)
+    return kp.wait_for(done, timeout, f"{sop} compressed and its original removed", 0.2)
+
+
+def store_status(output):
+    """The DIMSE status codes of the C-STORE responses in storescu -d output (-d prints no
+    "(Success)" after "Received Store Response", so kp.parse_storescu cannot tell)."""
+    return [s.upper() for s in kp._STATUS.findall(output)]
+
+
+def stow_post(system, data):
+    """POSTs one Part 10 file with STOW-RS; returns (status, response JSON)."""
+    import json
+    b = "KlinikaDupCheck-7f3a"
+    body = (f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data +
+            f"\r\n--{b}--\r\n".encode())
+    st, _, raw = system.https("POST", "/dicom-web/studies", {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+        "Accept": "application/dicom+json"}, body, timeout=60)
+    return st, json.loads(raw or b"{}")
+
+
+def settle(system):
+    system.wait_jobs_settled()
+    time.sleep(2.5)  # two compressor passes (scan_interval 1 s): what they would do is done
+
+
+def test_identical_copy_after_compression_is_recognised(cluster, tmp_path):
+    """C-STORE and STOW-RS of the very bytes received before: success, nothing written, the
+    index row still points to the compressed copy, no index job, no second file."""
+    s = kp.System(cluster, gateway=True, compressors=1, extra_env=COMPRESS_ENV)
+    try:
+        root = s.env["KP_STORAGE_ROOT"]
+        a_sop, b_sop = f"{UID_ROOT}.600.1.1", f"{UID_ROOT}.600.1.2"
+        a = write_ct(tmp_path / "a.dcm", a_sop)
+        b = write_ct(tmp_path / "b.dcm", b_sop)
+        rc, res, out = s.storescu([a])
+        assert res.get(a) == "ok", out[-2000:]
+        st, doc = stow_post(s, open(b, "rb").read())
+        assert st == 200, doc
+        a_row, b_row = wait_compressed(s, a_sop), wait_compressed(s, b_sop)
+        assert stored_files(root) == sorted([a_row[0], b_row[0]])
+        a_jobs, b_jobs = index_jobs(s, a_sop), index_jobs(s, b_sop)
+        assert (a_jobs, b_jobs) == (1, 1)
+
+        # C-STORE of the same file again: the archive receives the same bytes as the first time
+        rc, res, out = s.storescu([a], extra=["-d"])  # -d: the status code is printed
+        assert store_status(out) == ["0000"], out[-2000:]
+        # STOW-RS of the same part again
+        st, doc = stow_post(s, open(b, "rb").read())
+        assert st == 200, doc
+        assert "00081198" not in doc, doc  # no FailedSOPSequence
+        refs = [i["00081155"]["Value"][0] for i in doc["00081199"]["Value"]]
+        assert refs == [b_sop], doc
+        settle(s)
+
+        assert instance_row(s, a_sop) == a_row
+        assert instance_row(s, b_sop) == b_row
+        assert (index_jobs(s, a_sop), index_jobs(s, b_sop)) == (1, 1)
+        assert not os.path.exists(canonical(s, a_sop))
+        assert not os.path.exists(canonical(s, b_sop))
+        assert stored_files(root) == sorted([a_row[0], b_row[0]])
+        assert s.sql("SELECT count(*) FROM compression WHERE outcome = 'compressed'")[0][0] == 2
+        assert not s.sql("SELECT 1 FROM storage_orphans")
+        check_rows_match_files(s)
+        assert "identical copy already stored" in s.log("pacs-dicomd")
+        # reindex from storage still finds exactly the two compressed copies (not the notes)
+        s.pacsctl("reindex")
+        assert s.count("instances") == 2
+        assert instance_row(s, a_sop)[:4] == a_row[:4]
+        assert instance_row(s, b_sop)[:4] == b_row[:4]
+        # a backup holds the notes too (it copies every stored file), and verifies
+        notes = sorted(glob.glob(os.path.join(root, "??/??/*.orig")))
+        assert [os.path.basename(n) for n in notes] == sorted(
+            os.path.basename(canonical(s, x))[:-4] + ".orig" for x in (a_sop, b_sop))
+        key, dest = str(tmp_path / "backup.key"), str(tmp_path / "backups")
+        s.pacsctl("backup", "keygen", key)
+        s.env["KP_BACKUP_KEY_FILE"] = key
+        out = s.pacsctl("backup", dest).stdout
+        snap = re.search(r"^snapshot: (\S+)$", out, re.M).group(1)
+        assert len(glob.glob(os.path.join(dest, "objects", "*", "*"))) == 4  # 2 copies, 2 notes
+        s.pacsctl("backup", "verify", snap, "--no-scratch")
+        # instances compressed before notes existed get theirs from the compressor, once
+        s.kill("pacs-compressor#0", signal.SIGTERM)
+        for n in notes:
+            os.unlink(n)
+        os.unlink(os.path.join(root, ".original-notes"))
+        s.start("pacs-compressor#0", "pacs-compressor")
+        kp.wait_for(lambda: sorted(glob.glob(os.path.join(root, "??/??/*.orig"))) == notes, 30,
+                    "the notes written again")
+        assert "2 original note(s) written" in s.log("pacs-compressor#0")
+        rc, res, out = s.storescu([a])
+        assert res.get(a) == "ok", out[-2000:]
+        settle(s)
+        assert instance_row(s, a_sop)[:4] == a_row[:4]
+        assert stored_files(root) == sorted([a_row[0], b_row[0]])
+    finally:
+        s.stop()
+
+
+def test_identical_copy_within_the_unlink_grace(cluster, tmp_path):
+    """While the replaced original still waits for its removal, an identical copy does not put
+    the index back on it: the compressed copy stays the instance and the original is removed."""
+    env = dict(COMPRESS_ENV, KP_COMPRESS_UNLINK_GRACE="4")
+    s = kp.System(cluster, compressors=1, extra_env=env)
+    try:
+        sop = f"{UID_ROOT}.600.2.1"
+        f = write_ct(tmp_path / "g.dcm", sop, series="2")
+        rc, res, out = s.storescu([f])
+        assert res.get(f) == "ok", out[-2000:]
+        row = kp.wait_for(lambda: (lambda r: r if r and r[3] == JLS else None)(
+            instance_row(s, sop)), 60, "compressed")
+        assert os.path.exists(canonical(s, sop))  # the original, registered for removal
+        rc, res, out = s.storescu([f])
+        assert res.get(f) == "ok", out[-2000:]
+        s.wait_jobs_settled()
+        assert instance_row(s, sop) == row
+        assert index_jobs(s, sop) == 1
+        kp.wait_for(lambda: not os.path.exists(canonical(s, sop)), 30, "the original removed")
+        time.sleep(1.5)
+        assert instance_row(s, sop) == row
+        assert stored_files(s.env["KP_STORAGE_ROOT"]) == [row[0]]
+        check_rows_match_files(s)
+    finally:
+        s.stop()
+
+
+def modified(src, dst, name):
+    ds = pydicom.dcmread(src)
+    ds.PatientName = name
+    ds.save_as(str(dst), write_like_original=False)
+    return str(dst)
+
+
+@pytest.mark.parametrize("policy", ["reject", "keep", "replace"])
+def test_different_copy_after_compression_follows_the_policy(cluster, tmp_path, policy):
+    """Another data set with the UID of a compressed instance: reject refuses it (0111, the
+    same reason as before compression), keep acknowledges it and keeps the compressed one,
+    replace stores it, indexes it (it is compressed in turn) and retires the old copy."""
+    env = dict(COMPRESS_ENV, KP_STORAGE_DUPLICATE_POLICY=policy)
+    s = kp.System(cluster, compressors=1, extra_env=env)
+    try:
+        root = s.env["KP_STORAGE_ROOT"]
+        sop = f"{UID_ROOT}.600.3.1"
+        f = write_ct(tmp_path / "o.dcm", sop, name="Dup^Original", series="3")
+        g = modified(f, tmp_path / "m.dcm", "Dup^Modified")
+        rc, res, out = s.storescu([f])
+        assert res.get(f) == "ok", out[-2000:]
+        row = wait_compressed(s, sop)
+        assert row[5] == "Dup^Original"
+        old = row[0]
+
+        rc, res, out = s.storescu([g], extra=["-d"])
+        if policy == "reject":
+            assert store_status(out) == ["0111"], out[-2000:]
+            assert "refused (policy reject)" in s.log("pacs-dicomd")
+        else:
+            assert store_status(out) == ["0000"], out[-2000:]
+        settle(s)
+        if policy in ("reject", "keep"):
+            assert instance_row(s, sop) == row
+            assert index_jobs(s, sop) == 1
+            assert stored_files(root) == [old]
+            assert not os.path.exists(canonical(s, sop))
+        else:
+            # the new data set is the instance now, compressed in its turn ...
+            new = wait_compressed(s, sop)
+            assert new[5] == "Dup^Modified"
+            assert new[0] != old
+            # ... and the first compressed copy is retired, not left behind
+            kp.wait_for(lambda: stored_files(root) == [new[0]], 30, "the old copy removed")
+            assert not s.sql("SELECT 1 FROM storage_orphans WHERE path = %s", (old,))
+            # the first data set again is a different one now: it replaces in turn
+            rc, res, out = s.storescu([f])
+            assert res.get(f) == "ok", out[-2000:]
+            s.wait_jobs_settled()
+            last = wait_compressed(s, sop)
+            assert last[5] == "Dup^Original"
+            kp.wait_for(lambda: stored_files(root) == [last[0]], 30, "the second copy removed")
+        check_rows_match_files(s)
+    finally:
+        s.stop()

@@ -29,6 +29,7 @@ typedef struct {
     /* the policy filters as PostgreSQL text[] literals ("{}" = any), and split for C checks */
     char *modalities, *sop_classes, *syntaxes;
     long compressed, skipped, failed; /* counters for logs */
+    bool notes_done;                  /* compressor_backfill_notes() has nothing left to do */
     int64_t bytes_before, bytes_after;
 } compressor_t;
 
@@ -56,6 +57,15 @@ int compressor_scan(compressor_t *c, const char *studies);
  * after it was compressed) are registered first. Returns how many files were removed, or a
  * negative code. */
 int compressor_cleanup(compressor_t *c, const char *only_path);
+
+/* Writes the original's note (kp_storage.h) of every instance compressed before notes were
+ * written (an archive compressed by an earlier version), from the decisions in the index, so
+ * the ingest recognises those originals too. Runs once per storage: when it is complete it
+ * leaves storage.root/.original-notes and later calls return at once. Safe alongside the
+ * ingest and other compressors: a note is only written where there is none, and one that a
+ * new copy stored meanwhile makes stale is seen to be so by the ingest. Returns how many notes
+ * were written, or a negative code (tried again at the next pass). */
+int compressor_backfill_notes(compressor_t *c);
 
 /* A new relative path for a compressed copy of instance sop in syntax ts: an ordinary storage
  * path, aa/bb/<sha256 of "sop#ts#<random>">.dcm, different at each call, so a path is written

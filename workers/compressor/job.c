@@ -9,10 +9,14 @@
  *   4. register the new path in storage_orphans (a lease: should we die before step 5, a
  *      cleanup removes the file), then make it durable under its own name (temp, fsync,
  *      rename, directory fsync) - the index still points to the original, which is untouched;
+ *      then, when the original is at the instance's own path, leave the original's note there
+ *      (its size and SHA-256, durable: kp_storage_original_write), by which the ingest knows
+ *      an identical copy sent again once the original is gone;
  *   5. ONE transaction: the instance row takes the new path, size, digest, syntax, pixel
  *      location and metadata (only if its file is still the one we compressed), the decision
  *      is recorded, the new path leaves storage_orphans and the old one enters it (removed
- *      after compress.unlink_grace), the job is marked done;
+ *      after compress.unlink_grace), as does the compressed copy of an earlier version the
+ *      decision named, the job is marked done;
  *   6. publish study.changed (the gateway drops its cached metadata).
  * So the index points either to the original (complete, untouched) or to the compressed copy
  * (complete, durable, verified) and never to anything else; kill -9 anywhere leaves at worst a
@@ -118,6 +122,23 @@ static bool s_selected(const char *list, const char *value)
     return strstr(list, q) != NULL;
 }
 
+/* The compressed copy of an earlier version of the instance (an instance stored again after it
+ * was compressed) is known only from its decision, which is about to be overwritten: register
+ * it for removal first, in the same transaction (the removal itself checks that no index row
+ * points to it). keep_path is the file the index points to now. */
+static int s_retire_previous(compressor_t *c, const char *sop, const char *keep_path)
+{
+    char grace[24];
+    snprintf(grace, sizeof grace, "%ld", c->cfg->compress_unlink_grace);
+    const char *p[] = {sop, keep_path, grace};
+    return kp_db_run(c->db,
+                     "INSERT INTO storage_orphans (path, sop_uid, inode, not_before) SELECT "
+                     "after_path, sop_uid, NULL, now() + $3::int * interval '1 second' FROM "
+                     "compression WHERE sop_uid = $1 AND after_path IS NOT NULL AND after_path "
+                     "<> $2 ON CONFLICT (path) DO NOTHING",
+                     3, p);
+}
+
 /* Records a skip decision for the file of row and finishes the job, in one transaction. */
 static int s_record_skip(compressor_t *c, int64_t job_id, const char *sop, const s_row_t *row,
                          const s_skip_t *why)
@@ -128,6 +149,7 @@ static int s_record_skip(compressor_t *c, int64_t job_id, const char *sop, const
     const char *p[] = {sop,  why->reason, why->detail, row->sha,
                        size, row->ts,     row->path,   job_id > 0 ? id : NULL};
     int rc = kp_db_begin(c->db);
+    if (!rc) rc = s_retire_previous(c, sop, row->path);
     if (!rc)
         rc = kp_db_run(
             c->db,
@@ -303,6 +325,7 @@ static int s_switch(compressor_t *c, int64_t job_id, const char *sop, const s_ro
                    "$7::bigint, metadata = $8::jsonb, updated_at = now() WHERE sop_uid = $1",
                    8, p3);
     if (rc) goto fail;
+    if ((rc = s_retire_previous(c, sop, n->rel))) goto fail;
     const char *p4[] = {sop,    row->sha, before, row->ts, row->path,
                         n->sha, n->size,  n->ts,  n->rel,  job_id > 0 ? id : NULL};
     rc = kp_db_run(
@@ -380,6 +403,26 @@ int compressor_job(compressor_t *c, int64_t job_id, const char *sop)
     }
     if ((rc = s_inspect(c, abs, row.size, &skip))) goto retry;
     if (skip.reason) goto skipped;
+    /* The file at the instance's own path is the one a note will describe (step 4): it must
+     * be the very file the index row describes. A path is only ever replaced by a rename, never
+     * written in place, so the same inode before and after hashing means the same content. A
+     * difference means a new copy was stored and its index job has not run yet: later. */
+    char canon[KP_STORAGE_RELPATH_MAX];
+    kp_storage_relpath(sop, canon);
+    bool at_canon = !strcmp(row.path, canon);
+    if (at_canon) {
+        char sha[65];
+        int64_t got = -1;
+        struct stat sb2;
+        if (kp_storage_sha256_file(abs, sha, &got) || stat(abs, &sb2) || sb2.st_ino != sb.st_ino ||
+            got != row.size || strcmp(sha, row.sha)) {
+            kp_logc(KP_LOG_INFO, "compress", ctx,
+                    "%s: the stored file is not the one the index describes (yet); again later",
+                    sop);
+            rc = KP_EAGAIN;
+            goto retry;
+        }
+    }
     s_tick(c);
 
     rc = kp_image_transcode(abs, c->target, &buf);
@@ -422,6 +465,21 @@ int compressor_job(compressor_t *c, int64_t job_id, const char *sop)
     if ((rc = kp_storage_commit(c->st, tmp, n.rel, false))) goto retry;
     free(tmp);
     tmp = NULL;
+    if (at_canon) {
+        /* The original's note, durable before the switch: from the moment the index points to
+         * the copy, the ingest must recognise the original without its file (kp_storage.h). A
+         * crash before the switch leaves it next to the original it describes, which is still
+         * the indexed file, so it stays true; a new copy stored since makes it stale, which the
+         * ingest sees (and which this check keeps to a narrow race). */
+        struct stat sb3;
+        if (stat(abs, &sb3) || sb3.st_ino != sb.st_ino) {
+            kp_logc(KP_LOG_INFO, "compress", ctx, "%s changed while being compressed; again later",
+                    sop);
+            rc = KP_EAGAIN;
+            goto retry;
+        }
+        if ((rc = kp_storage_original_write(c->st, sop, row.size, row.sha))) goto retry;
+    }
     rc = s_switch(c, job_id, sop, &row, &n, sb.st_ino);
     if (rc == 1) {
         /* The row moved on while we worked; its new state decides (the job runs again and

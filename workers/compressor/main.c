@@ -7,7 +7,9 @@
  *     and, when compress.after is 0, for the studies of study.changed events (gathered for
  *     S_EVENT_WAIT_MS so a burst of arrivals costs one query);
  *   - removes replaced originals once compress.unlink_grace has passed, and any file a crash
- *     left registered (scan.c, compressor_cleanup).
+ *     left registered (scan.c, compressor_cleanup);
+ *   - once per storage, writes the original's note of instances compressed before notes
+ *     existed (scan.c, compressor_backfill_notes).
  * With compress.enabled off it takes no jobs and only finishes pending removals. Any number of
  * compressors may run: one scans at a time (advisory lock), the broker spreads the jobs. */
 #include "compressor.h"
@@ -127,6 +129,8 @@ int main(int argc, char **argv)
     while (!s_stop) {
         long now = s_now_ms();
         if (now >= next_pass) {
+            int nr = compressor_backfill_notes(&c);
+            if (nr < 0) kp_warn("cleanup", "writing original notes failed: %s", kp_strerror(nr));
             int cr = compressor_cleanup(&c, NULL);
             if (cr < 0) kp_warn("cleanup", "cleanup failed: %s", kp_strerror(cr));
             if (enabled) {

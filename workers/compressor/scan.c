@@ -267,3 +267,59 @@ int compressor_cleanup(compressor_t *c, const char *only_path)
     if (removed && !only_path) kp_info("cleanup", "%d replaced file(s) removed", removed);
     return rc ? rc : removed;
 }
+
+int compressor_backfill_notes(compressor_t *c)
+{
+    if (c->notes_done) return 0;
+    char done_path[4096];
+    snprintf(done_path, sizeof done_path, "%s/.original-notes", kp_storage_root(c->st));
+    if (access(done_path, F_OK) == 0) {
+        c->notes_done = true;
+        return 0;
+    }
+    /* the decisions whose compressed copy the index points to, the original having been at the
+     * instance's own path; keyset pages in primary-key order */
+    char after[72] = "";
+    int written = 0, rc = 0;
+    for (;;) {
+        PGresult *r = NULL;
+        const char *p[] = {after};
+        rc = kp_db_exec(c->db, &r,
+                        "SELECT c.sop_uid, c.before_size, c.before_sha256, c.before_path FROM "
+                        "compression c JOIN instances i ON i.sop_uid = c.sop_uid WHERE c.outcome "
+                        "= 'compressed' AND i.path = c.after_path AND i.file_sha256 = "
+                        "c.after_sha256 AND c.sop_uid > $1 ORDER BY c.sop_uid LIMIT 1000",
+                        1, p);
+        if (rc) return rc;
+        int n = PQntuples(r);
+        for (int i = 0; i < n && !rc; i++) {
+            const char *sop = PQgetvalue(r, i, 0), *sha = PQgetvalue(r, i, 2);
+            int64_t size = atoll(PQgetvalue(r, i, 1)), have_size;
+            char canon[KP_STORAGE_RELPATH_MAX], have_sha[65];
+            kp_storage_relpath(sop, canon);
+            if (strcmp(canon, PQgetvalue(r, i, 3))) continue; /* the original was elsewhere */
+            int have = kp_storage_original_read(c->st, sop, &have_size, have_sha);
+            if (have == 0) {
+                rc = kp_storage_original_write(c->st, sop, size, sha);
+                if (rc == KP_EINVAL)
+                    rc = 0; /* not a digest: nothing to note */
+                else if (!rc)
+                    written++;
+            }
+        }
+        if (n) snprintf(after, sizeof after, "%s", PQgetvalue(r, n - 1, 0));
+        PQclear(r);
+        if (c->bus) kp_bus_heartbeat(c->bus);
+        if (rc) return rc;
+        if (n < 1000) break;
+    }
+    FILE *f = fopen(done_path, "w");
+    if (f) {
+        fputs("original notes written for instances compressed before they existed\n", f);
+        fclose(f);
+    }
+    c->notes_done = true;
+    if (written)
+        kp_info("cleanup", "%d original note(s) written for instances compressed earlier", written);
+    return written;
+}

@@ -179,6 +179,71 @@ static void test_same_content(void **state)
     assert_int_equal(kp_storage_same_content(a, "/nonexistent"), KP_EIO);
 }
 
+/* The original's note: written next to the instance's file, read back, never walked as an
+ * instance, refused when it is not a note, removed (twice is fine). */
+static void test_original_note(void **state)
+{
+    (void)state;
+    kp_storage_t *st = kp_storage_new(s_root, true);
+    assert_non_null(st);
+    const char *uid = "1.2.9.77";
+    char rel[KP_STORAGE_RELPATH_MAX], note[KP_STORAGE_RELPATH_MAX];
+    kp_storage_relpath(uid, rel);
+    kp_storage_original_relpath(uid, note);
+    assert_int_equal(strlen(note), 75);
+    assert_memory_equal(note, rel, 70);
+    assert_string_equal(note + 70, ".orig");
+    assert_false(kp_storage_relpath_valid(note));
+
+    int64_t size = 0;
+    char sha[65];
+    assert_int_equal(kp_storage_original_read(st, uid, &size, sha), 0); /* none yet */
+    const char *data = "original bytes";
+    assert_int_equal(kp_storage_write(st, rel, data, strlen(data)), 0);
+    char abs[256], digest[65];
+    snprintf(abs, sizeof abs, "%s/%s", s_root, rel);
+    int64_t n = 0;
+    assert_int_equal(kp_storage_sha256_file(abs, digest, &n), 0);
+    assert_int_equal(kp_storage_original_write(st, uid, n, digest), 0);
+    assert_int_equal(kp_storage_original_read(st, uid, &size, sha), 1);
+    assert_int_equal(size, (int64_t)strlen(data));
+    assert_string_equal(sha, digest);
+    assert_int_equal(kp_storage_file_is(abs, size, sha), 1);
+    assert_int_equal(kp_storage_file_is(abs, size + 1, sha), 0);
+    char other[65];
+    memcpy(other, sha, 65);
+    other[0] = other[0] == '0' ? '1' : '0';
+    assert_int_equal(kp_storage_file_is(abs, size, other), 0);
+    assert_int_equal(kp_storage_file_is("/nonexistent", size, sha), KP_EIO);
+    assert_int_equal(kp_storage_original_write(st, uid, 1, "not a digest"), KP_EINVAL);
+
+    /* reindex walks instances only */
+    int count = 0;
+    assert_int_equal(kp_storage_walk(st, s_count, &count), 0);
+    unlink(abs);
+    int count2 = 0;
+    assert_int_equal(kp_storage_walk(st, s_count, &count2), 0);
+    assert_int_equal(count2, count - 1); /* the note stayed and was not counted */
+    assert_int_equal(kp_storage_original_read(st, uid, &size, sha), 1);
+
+    /* anything else at that name is not believed */
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", s_root, note);
+    FILE *f = fopen(path, "w");
+    fputs("klinika-original 1 12 xyz\n", f);
+    fclose(f);
+    assert_int_equal(kp_storage_original_read(st, uid, &size, sha), KP_EIO);
+    f = fopen(path, "w");
+    fclose(f);
+    assert_int_equal(kp_storage_original_read(st, uid, &size, sha), KP_EIO);
+
+    assert_int_equal(kp_storage_original_remove(st, uid), 0);
+    assert_int_equal(access(path, F_OK), -1);
+    assert_int_equal(kp_storage_original_remove(st, uid), 0);
+    assert_int_equal(kp_storage_original_read(st, uid, &size, sha), 0);
+    kp_storage_destroy(&st);
+}
+
 static void test_unwritable_root(void **state)
 {
     (void)state;
@@ -200,6 +265,7 @@ int main(void)
         cmocka_unit_test(test_write_and_read_back),
         cmocka_unit_test(test_commit_walk_clean),
         cmocka_unit_test(test_same_content),
+        cmocka_unit_test(test_original_note),
         cmocka_unit_test(test_unwritable_root),
     };
     return cmocka_run_group_tests(tests, s_setup, s_teardown);
