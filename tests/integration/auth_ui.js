@@ -7,27 +7,11 @@
 // Prints one JSON object: {redirected, mfaAsked, back, listed, frameBefore, logout, frameAfter}.
 'use strict';
 const fs = require('fs');
-const crypto = require('crypto');
+const { totp } = require('./totp');
 
 const spec = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const { chromium } = require(spec.playwright);
 const T = 60000;
-
-function base32(s) {
-  const a = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
-  let bits = '', out = [];
-  for (const c of s.replace(/=+$/, '').toUpperCase()) bits += a.indexOf(c).toString(2).padStart(5, '0');
-  for (let i = 0; i + 8 <= bits.length; i += 8) out.push(parseInt(bits.slice(i, i + 8), 2));
-  return Buffer.from(out);
-}
-function totp(secret, t) {
-  const msg = Buffer.alloc(8);
-  msg.writeBigUInt64BE(BigInt(Math.floor(t / 30)));
-  const h = crypto.createHmac('sha1', base32(secret)).update(msg).digest();
-  const o = h[h.length - 1] & 15;
-  const n = ((h[o] & 0x7f) << 24) | (h[o + 1] << 16) | (h[o + 2] << 8) | h[o + 3];
-  return String(n % 1000000).padStart(6, '0');
-}
 
 (async () => {
   const out = {};
