@@ -23,9 +23,11 @@
  *    sub-operations run here on the association's thread with DIMSE_storeUser: C-MOVE over a
  *    new association (raw ASC API, one context per compressed stored syntax plus an
  *    uncompressed one per SOP class), C-GET over the requesting association on the storage
- *    contexts whose SCP role we accepted. An instance goes from its file to the network
- *    unparsed when the accepted syntax is the stored one, else through kp_image_transcode()
- *    (never to a lossy syntax). C-CANCEL is checked between sub-operations (and, for C-GET,
+ *    contexts whose SCP role we accepted. When the accepted syntax is the stored one, a C-MOVE
+ *    sends the file's data set bytes as they are (s_store_raw: our command set, then P-DATA
+ *    fragments read from the file), a C-GET lets DIMSE_storeUser() load and write the file
+ *    (values unchanged, lengths re-encoded); otherwise through kp_image_transcode() (never to
+ *    a lossy syntax). C-CANCEL is checked between sub-operations (and, for C-GET,
  *    while waiting for each C-STORE response).
  *  - DICOM TLS: one DcmTLSTransportLayer (OpenSSL context) per role, made once by
  *    s_tls_layer(): the acceptor one is set on a second listening network, polled by the same
@@ -50,6 +52,7 @@
 #include <dcmtk/dcmdata/dcfcache.h>
 #include <dcmtk/dcmdata/dcistrmb.h>
 #include <dcmtk/dcmdata/dcistrmf.h>
+#include <dcmtk/dcmdata/dcostrmb.h>
 #include <dcmtk/dcmdata/dcjson.h>
 #include <dcmtk/dcmdata/dcrledrg.h>
 #include <dcmtk/dcmdata/dcrleerg.h>
@@ -1225,6 +1228,121 @@ struct KpSubOps {
     }
 };
 
+/* Where the data set starts in a stored Part 10 file: after the preamble, "DICM" and the meta
+ * header, which DCMTK (our ingest, the compressor) always begins with its group length
+ * (0002,0000) UL. 0 when the file does not look so (the caller then lets DCMTK read it). */
+off_t s_dataset_offset(int fd, off_t size)
+{
+    unsigned char h[146];
+    if (size < static_cast<off_t>(sizeof h) || pread(fd, h, 144, 0) != 144) return 0;
+    if (memcmp(h + 128, "DICM", 4) != 0 || memcmp(h + 132, "\x02\x00\x00\x00UL\x04\x00", 8) != 0)
+        return 0;
+    const off_t off = 144 + static_cast<off_t>(static_cast<uint32_t>(h[140]) |
+                                               static_cast<uint32_t>(h[141]) << 8 |
+                                               static_cast<uint32_t>(h[142]) << 16 |
+                                               static_cast<uint32_t>(h[143]) << 24);
+    /* the data set follows at once: its first tag is not in group 0002 any more */
+    if (off + 2 > size || pread(fd, h, 2, off) != 2 || (h[0] == 0x02 && h[1] == 0x00)) return 0;
+    return off;
+}
+
+/* C-STORE with the data set sent straight from the file (its stored transfer syntax is the
+ * accepted one): the command set built and sent here, then the file's data set bytes as they
+ * are, in P-DATA fragments of the peer's maximum length; then the response is read. Unlike
+ * DIMSE_storeUser() with a file name, which parses the whole file and writes it again
+ * (recomputing group lengths, turning undefined-length sequences into defined ones), the
+ * destination gets exactly the bytes that were received, and nothing is parsed or copied in
+ * between. *used false: the file does not look as expected, nothing was sent (use DCMTK). */
+OFCondition s_store_raw(T_ASC_Association *assoc, T_ASC_PresentationContextID pres_id,
+                        const T_DIMSE_C_StoreRQ &rq, const char *path, int timeout, Uint16 *status,
+                        bool *used, unsigned long long *sent)
+{
+    *used = false;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return EC_Normal;
+    struct stat sb;
+    const off_t off = fstat(fd, &sb) == 0 ? s_dataset_offset(fd, sb.st_size) : 0;
+    const off_t len = off ? sb.st_size - off : 0;
+    if (!off || len <= 0 || (len & 1)) {
+        close(fd);
+        return EC_Normal;
+    }
+    *used = true;
+    /* the command set (PS3.7 9.3.1.1), Implicit VR Little Endian with its group length */
+    DcmDataset cmd;
+    cmd.putAndInsertString(DCM_AffectedSOPClassUID, rq.AffectedSOPClassUID);
+    cmd.putAndInsertUint16(DCM_CommandField, 0x0001);
+    cmd.putAndInsertUint16(DCM_MessageID, rq.MessageID);
+    cmd.putAndInsertUint16(DCM_Priority, 0x0000);
+    cmd.putAndInsertUint16(DCM_CommandDataSetType, 0x0000);
+    cmd.putAndInsertString(DCM_AffectedSOPInstanceUID, rq.AffectedSOPInstanceUID);
+    if (rq.opts & O_STORE_MOVEORIGINATORAETITLE)
+        cmd.putAndInsertString(DCM_MoveOriginatorApplicationEntityTitle,
+                               rq.MoveOriginatorApplicationEntityTitle);
+    if (rq.opts & O_STORE_MOVEORIGINATORID)
+        cmd.putAndInsertUint16(DCM_MoveOriginatorMessageID, rq.MoveOriginatorID);
+    unsigned long frag = assoc->sendPDVLength;
+    const Uint32 maxpdu = dcmMaxOutgoingPDUSize.get();
+    if (frag + 12 > maxpdu) frag = maxpdu - 12;
+    frag &= ~1UL;
+    std::vector<unsigned char> buf(frag);
+    DcmOutputBufferStream out(buf.data(), static_cast<offile_off_t>(buf.size()));
+    cmd.transferInit();
+    OFCondition c = cmd.write(out, EXS_LittleEndianImplicit, EET_ExplicitLength, nullptr,
+                              EGL_withGL, EPD_withoutPadding);
+    cmd.transferEnd();
+    out.flush();
+    void *cbuf = nullptr;
+    offile_off_t clen = 0;
+    out.flushBuffer(cbuf, clen);
+    if (c.bad() || !out.isFlushed() || clen <= 0) { /* a command set never fills a fragment */
+        close(fd);
+        return c.bad() ? c : DIMSE_SENDFAILED;
+    }
+    DUL_PDV pdv;
+    DUL_PDVLIST list;
+    list.count = 1;
+    list.pdv = &pdv;
+    pdv.presentationContextID = pres_id;
+    pdv.pdvType = DUL_COMMANDPDV;
+    pdv.lastPDV = OFTrue;
+    pdv.fragmentLength = static_cast<unsigned long>(clen);
+    pdv.data = cbuf;
+    c = DUL_WritePDVs(&assoc->DULassociation, &list);
+    /* the data set, fragment by fragment */
+    off_t done = 0;
+    while (c.good() && done < len) {
+        const size_t want = static_cast<size_t>(std::min<off_t>(len - done, frag));
+        ssize_t n = pread(fd, buf.data(), want, off + done);
+        if (n != static_cast<ssize_t>(want)) {
+            c = DIMSE_SENDFAILED; /* the file changed under us: the association is unusable */
+            break;
+        }
+        done += n;
+        pdv.pdvType = DUL_DATASETPDV;
+        pdv.lastPDV = done == len ? OFTrue : OFFalse;
+        pdv.fragmentLength = static_cast<unsigned long>(n);
+        pdv.data = buf.data();
+        c = DUL_WritePDVs(&assoc->DULassociation, &list);
+    }
+    close(fd);
+    if (c.bad()) return c;
+    if (sent) *sent += static_cast<unsigned long long>(sb.st_size);
+    T_DIMSE_Message rsp;
+    memset(&rsp, 0, sizeof rsp);
+    T_ASC_PresentationContextID rsp_id = 0;
+    DcmDataset *detail = nullptr;
+    c = DIMSE_receiveCommand(assoc, DIMSE_NONBLOCKING, timeout, &rsp_id, &rsp, &detail);
+    delete detail;
+    if (c.bad()) return c;
+    if (rsp.CommandField != DIMSE_C_STORE_RSP ||
+        rsp.msg.CStoreRSP.MessageIDBeingRespondedTo != rq.MessageID)
+        return makeDcmnetCondition(DIMSEC_UNEXPECTEDRESPONSE, OF_error,
+                                   "unexpected response to a C-STORE request");
+    *status = rsp.msg.CStoreRSP.DimseStatus;
+    return EC_Normal;
+}
+
 /* Sends one instance with C-STORE on assoc / pres_id, transcoding it to accepted when that
  * differs from the stored syntax. Returns the condition of the exchange (bad: the association
  * is no longer usable) and the peer's status in *status (0xC000-ish failure of ours, with
@@ -1255,11 +1373,18 @@ OFCondition s_store_instance(T_ASC_Association *assoc, T_ASC_PresentationContext
     DcmDataset *detail = nullptr;
     OFCondition c = EC_Normal;
     if (!it.ts.empty() && it.ts == accepted) {
-        /* as stored: the data set goes from the file to the network without being parsed */
+        /* as stored: for C-MOVE the data set bytes go from the file to the network as they
+         * are (s_store_raw); C-GET keeps DIMSE_storeUser(), which also watches for a C-CANCEL
+         * on the same association while the response is awaited */
         if (access(it.path.c_str(), R_OK) != 0) {
             why = "stored file missing or unreadable";
             *status = STATUS_STORE_Error_CannotUnderstand;
             return EC_Normal;
+        }
+        bool raw = false;
+        if (!cancel) {
+            c = s_store_raw(assoc, pres_id, rq, it.path.c_str(), timeout, status, &raw, sent);
+            if (raw) return c;
         }
         c = DIMSE_storeUser(assoc, pres_id, &rq, it.path.c_str(), nullptr, nullptr, nullptr,
                             DIMSE_NONBLOCKING, timeout, &rsp, &detail, cancel);

@@ -92,7 +92,7 @@ class Dest:
 
 @pytest.fixture(scope="module")
 def qr(cluster):
-    s = kp.System(cluster)
+    s = kp.System(cluster, gateway=True)  # the gateway: STOW-RS stores bytes as they come
     dests = {}
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -335,6 +335,48 @@ def test_move_large_study(qr):
     r = movescu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"])
     assert r["status"] == 0 and r["completed"] == BULK, r["out"][-3000:]
     assert len(dest.files()) == BULK
+
+
+def test_move_sends_the_stored_bytes_unchanged(qr):
+    """An instance as a modality encoded it (here a sequence and its item of undefined length,
+    which re-encoding would turn into defined lengths) reaches the destination byte for byte:
+    the data set goes from the stored file to the network as it is. (It is stored with STOW-RS:
+    storescu itself re-encodes sequences with defined lengths.)"""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    ds = pydicom.dcmread(CT_SMALL)
+    uid = ROOT + ".88"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid, uid + ".1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid + ".1.1"
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ROOT + ".88.9"
+    item.is_undefined_length_sequence_item = True
+    ds.ReferencedImageSequence = Sequence([item])
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "undefined.dcm")
+        ds.save_as(path, write_like_original=True)
+        sent = _ds_bytes(path)
+        assert b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff" in sent  # undefined length
+        with open(path, "rb") as f:
+            data = f.read()
+    b = "KlinikaCmoveRaw"
+    st, _, body = qr.https("POST", "/dicom-web/studies", {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+        "Accept": "application/dicom+json"},
+        f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data +
+        f"\r\n--{b}--\r\n".encode(), timeout=60)
+    assert st == 200, body[-2000:]
+    kp.wait_for(lambda: stored(qr, "st.study_uid = %s", uid), 60, "the instance indexed")
+    (spath, _), = stored(qr, "st.study_uid = %s", uid).values()
+    assert _ds_bytes(spath) == sent  # stored as received
+    dest = qr.dests["DEST"]
+    dest.clear()
+    r = movescu(qr, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"])
+    assert r["status"] == 0 and r["completed"] == 1, r["out"][-3000:]
+    got = dest.files()
+    assert _ds_bytes(got[uid + ".1.1"]) == sent
 
 
 # ---- C-MOVE over several associations ---------------------------------------------------------
