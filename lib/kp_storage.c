@@ -321,7 +321,8 @@ done:
 void kp_storage_original_relpath(const char *sop_uid, char out[KP_STORAGE_RELPATH_MAX])
 {
     kp_storage_relpath(sop_uid, out);
-    snprintf(out + 70, KP_STORAGE_RELPATH_MAX - 70, ".orig");
+    size_t n = strlen(out) - 4; /* the instance's name without ".dcm" */
+    snprintf(out + n, KP_STORAGE_RELPATH_MAX - n, ".orig");
 }
 
 static bool s_is_sha256(const char *s)

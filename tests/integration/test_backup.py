@@ -171,6 +171,22 @@ def test_prune_keeps_the_newest_and_what_they_need(gw, tmp_path):
     # --keep is required and at least 1
     assert pacsctl(env, "backup", "prune", dest, check=False).returncode == 2
     assert pacsctl(env, "backup", "prune", dest, "--keep", "0", check=False).returncode == 2
+    assert pacsctl(env, "backup", "prune", dest, "--keep", "1x", check=False).returncode == 2
+    # while a backup holds DIR/.lock (shared), prune refuses and removes nothing: it could
+    # otherwise delete an object the running backup has just written or reuses
+    import fcntl
+    fourth = snapshot_of(pacsctl(env, "backup", dest).stdout)
+    before = set(glob.glob(os.path.join(dest, "objects", "*", "*")))
+    with open(os.path.join(dest, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        r = pacsctl(env, "backup", "prune", dest, "--keep", "1", check=False)
+        assert r.returncode == 1 and "under way" in r.stderr, (r.stdout, r.stderr)
+        assert os.path.isdir(third) and os.path.isdir(fourth)
+        # another backup shares the lock
+        snapshot_of(pacsctl(env, "backup", dest).stdout)
+    assert before <= set(glob.glob(os.path.join(dest, "objects", "*", "*")))
+    r = pacsctl(env, "backup", "prune", dest, "--keep", "1")
+    assert "2 snapshot(s)" in r.stdout and not os.path.exists(third), r.stdout
 
 
 def test_schedule_prints_units_systemd_accepts(gw, tmp_path):

@@ -8,10 +8,15 @@
  *                                       with the manifest's row counts
  *   pacsctl backup prune DIR --keep N   removes all but the newest N snapshots, then every object
  *                                       no remaining snapshot refers to
- *   pacsctl backup schedule DIR [--at HH:MM]   prints a systemd timer + service and a crontab
- *                                       line for a nightly backup and audit check (installs
- * nothing) pacsctl restore DIR/snapshots/ID    into an empty installation (a database without
- * schema) The key is backup.key_file (or --key FILE).
+ *   pacsctl backup schedule DIR [--at HH:MM]
+ *                                       prints a systemd timer + service and a crontab line for
+ *                                       a nightly backup and audit check (installs nothing)
+ *   pacsctl restore DIR/snapshots/ID    into an empty installation (a database without schema)
+ * The key is backup.key_file (or --key FILE).
+ *
+ * DIR/.lock: a backup holds it shared while it writes (backups may run side by side: objects
+ * are written under a temporary name and renamed), prune exclusive, so prune never removes an
+ * object that a backup under way has just written or counts on finding.
  *
  * Layout of DIR:
  *   objects/xx/<name>           one encrypted copy of each distinct stored file; <name> is
@@ -52,6 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -888,6 +894,29 @@ out:
     return rc;
 }
 
+/* Takes DIR/.lock (made with DIR when missing): LOCK_SH for a backup, which waits for a prune to
+ * end; LOCK_EX | LOCK_NB for a prune, which gives up while a backup runs. The descriptor (held
+ * until exit), or -1 with the reason printed. */
+static int s_lock(const char *dir, int how)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/.lock", dir);
+    int fd = s_mkdirs(dir) ? -1 : open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        fprintf(stderr, "pacsctl: cannot open %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, how)) {
+        if (errno == EWOULDBLOCK)
+            fprintf(stderr, "pacsctl: a backup into %s is under way; prune after it ends\n", dir);
+        else
+            fprintf(stderr, "pacsctl: cannot lock %s: %s\n", path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 /* ---- prune ------------------------------------------------------------------------------------
  */
 
@@ -1020,22 +1049,24 @@ static int s_schedule(const kp_config_t *cfg, const char *dir, const char *at, c
            "# Keep a copy of the key apart from the backups; test a restore now and then with\n"
            "# pacsctl backup verify %s/snapshots/<ID>.\n\n",
            hh, mm, dir, keyfile, dir);
+    /* the three steps, the same in the service and in the crontab line */
+    char backup[3 * PATH_MAX], verify[PATH_MAX + 128], prune[3 * PATH_MAX];
+    snprintf(backup, sizeof backup, "/usr/bin/pacsctl%s backup %s --key %s", conf, dir, keyfile);
+    snprintf(verify, sizeof verify,
+             "/usr/bin/pacsctl%s audit verify --textfile "
+             "/var/lib/node_exporter/textfile/klinika_audit.prom",
+             conf);
+    snprintf(prune, sizeof prune, "/usr/bin/pacsctl%s backup prune %s --keep 14 --key %s", conf,
+             dir, keyfile);
     printf("[Unit]\nDescription=Klinika PACS nightly backup\nAfter=postgresql.service\n\n"
-           "[Service]\nType=oneshot\nUser=klinika\n"
-           "ExecStart=/usr/bin/pacsctl%s backup %s --key %s\n"
-           "ExecStart=/usr/bin/pacsctl%s audit verify --textfile "
-           "/var/lib/node_exporter/textfile/klinika_audit.prom\n"
-           "ExecStart=/usr/bin/pacsctl%s backup prune %s --keep 14 --key %s\n\n",
-           conf, dir, keyfile, conf, conf, dir, keyfile);
+           "[Service]\nType=oneshot\nUser=klinika\nExecStart=%s\nExecStart=%s\nExecStart=%s\n\n",
+           backup, verify, prune);
     printf("[Unit]\nDescription=Klinika PACS nightly backup\n\n[Timer]\n"
            "OnCalendar=*-*-* %02d:%02d:00\nPersistent=true\nRandomizedDelaySec=300\n\n"
            "[Install]\nWantedBy=timers.target\n\n",
            hh, mm);
-    printf("# crontab (user klinika):\n%d %d * * * /usr/bin/pacsctl%s backup %s --key %s && "
-           "/usr/bin/pacsctl%s audit verify --textfile "
-           "/var/lib/node_exporter/textfile/klinika_audit.prom && /usr/bin/pacsctl%s backup "
-           "prune %s --keep 14 --key %s\n",
-           mm, hh, conf, dir, keyfile, conf, conf, dir, keyfile);
+    printf("# crontab (user klinika):\n%d %d * * * %s && %s && %s\n", mm, hh, backup, verify,
+           prune);
     return 0;
 }
 
@@ -1066,9 +1097,11 @@ int pacsctl_backup(const kp_config_t *cfg, int argc, char **argv, bool restore)
             keyfile = argv[++i];
         else if (!strcmp(argv[i], "--no-scratch"))
             scratch = false;
-        else if (!strcmp(argv[i], "--keep") && i + 1 < argc)
-            keep = strtol(argv[++i], NULL, 10);
-        else if (!strcmp(argv[i], "--at") && i + 1 < argc)
+        else if (!strcmp(argv[i], "--keep") && i + 1 < argc) {
+            char *end = NULL;
+            keep = strtol(argv[++i], &end, 10);
+            if (end == argv[i] || *end) keep = -1; /* not a number: refused below */
+        } else if (!strcmp(argv[i], "--at") && i + 1 < argc)
             at = argv[++i];
         else if (!restore && i == 0 && !strcmp(argv[i], "verify"))
             verify = true;
@@ -1098,9 +1131,13 @@ int pacsctl_backup(const kp_config_t *cfg, int argc, char **argv, bool restore)
     if (s_key_load(keyfile, key)) return 1;
     int rc;
     if (prune) {
-        rc = s_prune(target, key, keep);
+        int lock = s_lock(target, LOCK_EX | LOCK_NB);
+        rc = lock < 0 ? 1 : s_prune(target, key, keep);
+        if (lock >= 0) close(lock);
     } else if (!verify && !restore) {
-        rc = s_backup(cfg, target, key);
+        int lock = s_lock(target, LOCK_SH);
+        rc = lock < 0 ? 1 : s_backup(cfg, target, key);
+        if (lock >= 0) close(lock);
     } else {
         char dir[PATH_MAX];
         if (!s_split(target, dir, sizeof dir)) {
