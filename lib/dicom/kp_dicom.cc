@@ -1226,6 +1226,20 @@ struct KpSubOps {
         failed++;
         failed_uids.push_back(uid);
     }
+    /* counts a sub-operation by its C-STORE status (Bxxx a warning, other non-zero a failure);
+     * true when it failed */
+    bool count(Uint16 st, const std::string &uid)
+    {
+        if (st == STATUS_Success)
+            completed++;
+        else if ((st & 0xF000) == 0xB000)
+            warning++;
+        else {
+            fail(uid);
+            return true;
+        }
+        return false;
+    }
 };
 
 /* Where the data set starts in a stored Part 10 file: after the preamble, "DICM" and the meta
@@ -2067,6 +2081,28 @@ class KpAssocSCP : public DcmThreadSCP
         m_cfg->on_retrieve_done(m_cfg->user, &req, &res);
     }
 
+    /* One sub-operation: instance it over target (C-MOVE: a sub-association; C-GET: the
+     * requesting one, watching for cancel). *st is the destination's status, or ours when it
+     * could not be sent (why says why). A bad condition: target broke (why has its text). */
+    OFCondition s_subop(T_ASC_Association *target, const KpRetrieveItem &it, int op, DIC_US msg_id,
+                        int timeout, T_DIMSE_DetectedCancelParameters *cancel, Uint16 *st,
+                        std::string &why, unsigned long long *bytes)
+    {
+        std::string accepted;
+        *st = STATUS_STORE_Refused_SOPClassNotSupported;
+        T_ASC_PresentationContextID ctx =
+            s_pick_context(target, it.sop_class, it.ts, op == KP_DICOM_GET, accepted);
+        if (!ctx) {
+            why = "no accepted presentation context for its SOP class / transfer syntax";
+            return EC_Normal;
+        }
+        OFCondition c = s_store_instance(target, ctx, it, accepted,
+                                         op == KP_DICOM_MOVE ? m_calling.c_str() : nullptr, msg_id,
+                                         timeout, cancel, st, why, bytes);
+        if (c.bad()) why = c.text();
+        return c;
+    }
+
     /* C-MOVE over several associations to the destination (plan.associations > 1; first is
      * already open). A thread per sub-association takes the next instance of the plan as soon
      * as its previous one is answered; the others are opened alongside the first, and one the
@@ -2104,40 +2140,28 @@ class KpAssocSCP : public DcmThreadSCP
                     sh.busy++;
                 }
                 const KpRetrieveItem &it = plan.items[i];
-                std::string accepted, why;
-                Uint16 st = STATUS_STORE_Refused_SOPClassNotSupported;
+                std::string why;
+                Uint16 st;
                 unsigned long long bytes = 0;
-                bool broke = false;
-                T_ASC_PresentationContextID ctx =
-                    s_pick_context(sub->assoc, it.sop_class, it.ts, false, accepted);
-                if (!ctx) {
-                    why = "no accepted presentation context for its SOP class / transfer syntax";
-                } else {
-                    OFCondition sc =
-                        s_store_instance(sub->assoc, ctx, it, accepted, m_calling.c_str(), msg_id,
-                                         timeout, nullptr, &st, why, &bytes);
-                    if (sc.bad()) {
-                        why = std::string("association to the destination failed: ") + sc.text();
-                        sub->broken = true;
-                        broke = true;
-                        st = STATUS_STORE_Refused_OutOfResources;
-                    }
+                const bool broke = s_subop(sub->assoc, it, KP_DICOM_MOVE, msg_id, timeout, nullptr,
+                                           &st, why, &bytes)
+                                       .bad();
+                if (broke) {
+                    why = "association to the destination failed: " + why;
+                    sub->broken = true;
+                    st = STATUS_STORE_Refused_OutOfResources;
                 }
+                bool failed;
                 {
                     std::lock_guard<std::mutex> lk(sh.mu);
                     n.bytes += bytes;
-                    if (st == STATUS_Success)
-                        n.completed++;
-                    else if ((st & 0xF000) == 0xB000)
-                        n.warning++;
-                    else
-                        n.fail(it.sop_uid);
+                    failed = n.count(st, it.sop_uid);
                     if (broke) comment = why.substr(0, 64);
                     sh.busy--;
                     sh.changes++;
                 }
                 sh.cv.notify_all();
-                if (st != STATUS_Success && (st & 0xF000) != 0xB000)
+                if (failed)
                     kp_warn(CAT, "C-MOVE from %s: sub-operation for %s failed (status %04X)%s%s",
                             m_calling.c_str(), it.sop_uid.c_str(), st, why.empty() ? "" : ": ",
                             why.c_str());
@@ -2320,32 +2344,20 @@ class KpAssocSCP : public DcmThreadSCP
                 if (!sub || !sub->broken) comment = "stopping: sub-operations not performed";
                 break;
             }
-            std::string accepted, why;
-            T_ASC_PresentationContextID ctx =
-                s_pick_context(target, it.sop_class, it.ts, op == KP_DICOM_GET, accepted);
-            Uint16 st = STATUS_STORE_Refused_SOPClassNotSupported;
+            std::string why;
+            Uint16 st;
             T_DIMSE_DetectedCancelParameters cancel;
             memset(&cancel, 0, sizeof cancel);
-            if (!ctx) {
-                why = "no accepted presentation context for its SOP class / transfer syntax";
-            } else {
-                OFCondition sc = s_store_instance(
-                    target, ctx, it, accepted, op == KP_DICOM_MOVE ? m_calling.c_str() : nullptr,
-                    msg_id, timeout, op == KP_DICOM_GET ? &cancel : nullptr, &st, why, &n.bytes);
-                if (sc.bad()) {
-                    if (op == KP_DICOM_GET) return sc; /* the requesting association broke */
-                    why = std::string("association to the destination failed: ") + sc.text();
-                    sub->broken = true;
-                    st = STATUS_STORE_Refused_OutOfResources;
-                    comment = why.substr(0, 64);
-                }
+            OFCondition sc = s_subop(target, it, op, msg_id, timeout,
+                                     op == KP_DICOM_GET ? &cancel : nullptr, &st, why, &n.bytes);
+            if (sc.bad()) {
+                if (op == KP_DICOM_GET) return sc; /* the requesting association broke */
+                why = "association to the destination failed: " + why;
+                sub->broken = true;
+                st = STATUS_STORE_Refused_OutOfResources;
+                comment = why.substr(0, 64);
             }
-            if (st == STATUS_Success)
-                n.completed++;
-            else if ((st & 0xF000) == 0xB000)
-                n.warning++;
-            else {
-                n.fail(it.sop_uid);
+            if (n.count(st, it.sop_uid)) {
                 kp_warn(CAT, "%s from %s: sub-operation for %s failed (status %04X)%s%s", what,
                         m_calling.c_str(), it.sop_uid.c_str(), st, why.empty() ? "" : ": ",
                         why.c_str());
