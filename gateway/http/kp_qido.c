@@ -260,11 +260,11 @@ static int s_hex(int c)
     return -1;
 }
 
-bool kp_qido_url_decode(char *s)
+static bool s_url_decode(char *s, bool plus_is_space)
 {
     char *o = s;
     for (char *p = s; *p; p++) {
-        if (*p == '+') {
+        if (*p == '+' && plus_is_space) {
             *o++ = ' ';
         } else if (*p == '%') {
             int h = p[1] ? s_hex(p[1]) : -1, l = (h >= 0 && p[2]) ? s_hex(p[2]) : -1;
@@ -277,6 +277,16 @@ bool kp_qido_url_decode(char *s)
     }
     *o = 0;
     return true;
+}
+
+bool kp_qido_url_decode(char *s)
+{
+    return s_url_decode(s, true);
+}
+
+bool kp_path_url_decode(char *s)
+{
+    return s_url_decode(s, false);
 }
 
 /* ---- building ------------------------------------------------------------------------------ */
@@ -612,8 +622,8 @@ int kp_qido_build(kp_qido_level_t level, const char *study_uid, const char *seri
                   const char *query, long default_limit, long max_limit, kp_qido_t **out, char *err,
                   size_t errlen)
 {
-    return kp_qido_build_sites(level, study_uid, series_uid, query, default_limit, max_limit,
-                               NULL, out, err, errlen);
+    return kp_qido_build_sites(level, study_uid, series_uid, query, default_limit, max_limit, NULL,
+                               out, err, errlen);
 }
 
 int kp_qido_build_sites(kp_qido_level_t level, const char *study_uid, const char *series_uid,

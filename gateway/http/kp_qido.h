@@ -49,5 +49,7 @@ bool kp_qido_valid_uid(const char *s, size_t len);
 char *kp_qido_like_pattern(const char *value);
 /* Decodes %XX and '+' in place; returns false on a malformed escape or an embedded NUL. */
 bool kp_qido_url_decode(char *s);
+/* The same for a path segment, where '+' is itself. */
+bool kp_path_url_decode(char *s);
 
 #endif

@@ -1520,23 +1520,17 @@ static int s_match(const char *pattern, const char *path, size_t pathlen,
             /* an AE title (the modality registry): percent-decoded, 1 to 16 characters of the
              * DICOM default repertoire without backslash ("CT%20SCAN%202" is "CT SCAN 2"); the
              * handler checks leading and trailing spaces like any other input */
-            char ae[17];
-            size_t al = 0;
-            if (sl == 0 || sl > 48 || n >= KP_HTTP_MAX_PARAMS) return -1;
-            for (size_t k = 0; k < sl; k++) {
-                unsigned c = (unsigned char)s[k];
-                if (c == '%') {
-                    if (k + 2 >= sl) return -1;
-                    char hex[3] = {s[k + 1], s[k + 2], 0};
-                    if (strspn(hex, "0123456789abcdefABCDEF") != 2) return -1;
-                    c = (unsigned)strtoul(hex, NULL, 16);
-                    k += 2;
-                }
-                if (c < 0x20 || c > 0x7e || c == '\\' || al >= 16) return -1;
-                ae[al++] = (char)c;
-            }
-            memcpy(params[n], ae, al);
-            params[n][al] = 0;
+            char ae[49];
+            if (sl == 0 || sl >= sizeof ae || n >= KP_HTTP_MAX_PARAMS) return -1;
+            memcpy(ae, s, sl);
+            ae[sl] = 0;
+            if (!kp_path_url_decode(ae)) return -1;
+            size_t al = strlen(ae);
+            if (al < 1 || al > 16) return -1;
+            for (size_t k = 0; k < al; k++)
+                if ((unsigned char)ae[k] < 0x20 || (unsigned char)ae[k] > 0x7e || ae[k] == '\\')
+                    return -1;
+            memcpy(params[n], ae, al + 1);
             n++;
             p += pl;
             s += sl;
