@@ -1050,7 +1050,7 @@ static int s_schedule(const kp_config_t *cfg, const char *dir, const char *at, c
            "# pacsctl backup verify %s/snapshots/<ID>.\n\n",
            hh, mm, dir, keyfile, dir);
     /* the three steps, the same in the service and in the crontab line */
-    char backup[3 * PATH_MAX], verify[PATH_MAX + 128], prune[3 * PATH_MAX];
+    char backup[4 * PATH_MAX], verify[PATH_MAX + 128], prune[4 * PATH_MAX];
     snprintf(backup, sizeof backup, "/usr/bin/pacsctl%s backup %s --key %s", conf, dir, keyfile);
     snprintf(verify, sizeof verify,
              "/usr/bin/pacsctl%s audit verify --textfile "
